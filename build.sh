@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Attend's quick start. Installs what is missing (Debian packages; Halide 21,
+# CMake and ninja from PyPI into ./.venv), builds the kernels for this machine,
+# then:
+#   ./build.sh demo    run `attend demo`: every kernel against the double-precision
+#                      reference on a naturalspeech2-like batch, with its speed
+#   ./build.sh test    run the whole test suite (ctest)
+#   ./build.sh bench   run the CPU benchmark (GFLOP/s and fraction of the FMA peak)
+#   ./build.sh         just build
+# Every step is idempotent: a second run installs nothing and rebuilds only what changed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="$ROOT/.venv"
+BUILD="${ATTEND_BUILD_DIR:-$ROOT/build}"
+APT_PACKAGES=(g++ python3 python3-venv doctest-dev libdlpack-dev nlohmann-json3-dev libcli11-dev libbenchmark-dev)
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+install_debian_packages() {
+    local missing=()
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return
+    # python3-venv is only needed when the python3 on PATH cannot make a venv.
+    if python3 -m venv --help >/dev/null 2>&1; then
+        missing=("${missing[@]/python3-venv}")
+    fi
+    missing=(${missing[@]})
+    [ ${#missing[@]} -eq 0 ] && return
+    say "installing Debian packages: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+install_python_tools() {
+    [ -x "$VENV/bin/python" ] || { say "creating $VENV"; python3 -m venv "$VENV"; }
+    local stamp="$VENV/.attend-requirements"
+    if ! cmp -s "$ROOT/requirements.txt" "$stamp"; then
+        say "installing Halide 21, CMake and ninja into $VENV"
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements.txt"
+        cp "$ROOT/requirements.txt" "$stamp"
+    fi
+}
+
+build() {
+    if [ ! -f "$BUILD/build.ninja" ]; then
+        local halide_dir
+        halide_dir="$("$VENV/bin/python" -c 'import halide; print(halide.install_dir())')/lib64/cmake/Halide"
+        say "configuring $BUILD"
+        "$VENV/bin/cmake" -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+            -DCMAKE_MAKE_PROGRAM="$VENV/bin/ninja" -DHalide_DIR="$halide_dir"
+    fi
+    say "building (the kernels take a few minutes the first time)"
+    "$VENV/bin/cmake" --build "$BUILD"
+}
+
+install_debian_packages
+install_python_tools
+build
+
+case "${1:-build}" in
+    build) say "built: $BUILD/bin/attend, $BUILD/runtime/libattend.so" ;;
+    demo) "$BUILD/bin/attend" demo ;;
+    test) "$VENV/bin/ctest" --test-dir "$BUILD" --output-on-failure -j "$(nproc)" ;;
+    bench)
+        shift
+        "$BUILD/bench/attend_bench" --benchmark_repetitions=5 --benchmark_report_aggregates_only=true "$@" ;;
+    *) echo "usage: $0 [build|demo|test|bench]" >&2; exit 2 ;;
+esac

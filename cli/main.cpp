@@ -1,0 +1,357 @@
+// attend: the command-line program.
+//   attend run    attention on .npy files
+//   attend bench  time a kernel on random inputs
+//   attend demo   the README's main job: every kernel of this build on a
+//                 naturalspeech2-like batch, against the double reference
+//   attend kernels  what this build and this CPU have
+// Exit status: 0 success, 2 bad arguments or input, 1 failure while running.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <iostream>
+#include <random>
+#include <sstream>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "attend/attend.hpp"
+#include "attend/reference.hpp"
+#include "npy.hpp"
+
+namespace {
+
+using namespace attend;
+
+struct BadInput : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+DLTensor as_dl(npy::Array &a) {
+    DLTensor t{};
+    t.data = a.data.data();
+    t.device = {kDLCPU, 0};
+    t.ndim = int(a.shape.size());
+    t.shape = a.shape.data();
+    t.strides = nullptr;  // C order
+    t.dtype = a.dtype == npy::DType::Bool      ? DLDataType{6 /* kDLBool */, 8, 1}
+              : a.dtype == npy::DType::Float16 ? DLDataType{kDLFloat, 16, 1}
+                                               : DLDataType{kDLFloat, 32, 1};
+    return t;
+}
+
+CpuIsa parse_isa(const std::string &name) {
+    for (CpuIsa isa : {CpuIsa::Auto, CpuIsa::AVX512, CpuIsa::AVX2, CpuIsa::Baseline}) {
+        if (name == to_string(isa)) return isa;
+    }
+    throw BadInput("--isa: expected auto, avx512, avx2 or baseline, got '" + name + "'");
+}
+
+// Milliseconds of each of `repeats` calls after one warm-up call.
+template <class F>
+std::vector<double> time_calls(F &&call, int repeats) {
+    call();
+    std::vector<double> ms;
+    for (int r = 0; r < repeats; r++) {
+        auto start = std::chrono::steady_clock::now();
+        call();
+        ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+    }
+    return ms;
+}
+
+double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+std::vector<float> random_floats(size_t count, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> normal;
+    std::vector<float> x(count);
+    for (auto &e : x) e = normal(rng);
+    return x;
+}
+
+DLTensor dense_dl(void *data, std::vector<int64_t> &shape, DLDataType dtype) {
+    DLTensor t{};
+    t.data = data;
+    t.device = {kDLCPU, 0};
+    t.ndim = int(shape.size());
+    t.shape = shape.data();
+    t.dtype = dtype;
+    return t;
+}
+
+// ---- attend run ---------------------------------------------------------------
+
+struct RunArgs {
+    std::string q, k, v, out, mask, device = "cpu", kernel, isa = "auto";
+    bool causal = false;
+    std::optional<float> scale, dropout;
+    uint64_t seed = 0;
+};
+
+void check_device(const std::string &device) {
+    if (device != "cpu") throw BadInput("--device: this build runs on cpu only, got '" + device + "'");
+}
+
+int run_command(const RunArgs &a) {
+    check_device(a.device);
+    auto q = npy::read(a.q), k = npy::read(a.k), v = npy::read(a.v);
+    std::optional<npy::Array> mask;
+    if (!a.mask.empty()) mask = npy::read(a.mask);
+    if (q.shape.size() != 4) throw BadInput("--q: expected 4 dims [b, h, n, d], got " + std::to_string(q.shape.size()));
+    if (v.shape.empty()) throw BadInput("--v: expected 3 or 4 dims, got a scalar");
+
+    npy::Array out;
+    out.dtype = npy::DType::Float32;
+    out.shape = {q.shape[0], q.shape[1], q.shape[2], v.shape.back()};
+    out.data.assign(size_t(std::max<int64_t>(out.numel(), 0)) * sizeof(float), 0);
+
+    Options options;
+    options.causal = a.causal;
+    options.scale = a.scale;
+    options.kernel = a.kernel;
+    options.cpu_isa = parse_isa(a.isa);
+    if (a.dropout) {
+        options.training = true;  // --dropout asks for training-mode dropout
+        options.dropout = *a.dropout;
+        options.seed = a.seed;
+    }
+    DLTensor dq = as_dl(q), dk = as_dl(k), dv = as_dl(v), dout = as_dl(out);
+    DLTensor dmask = mask ? as_dl(*mask) : DLTensor{};
+    forward(dq, dk, dv, mask ? &dmask : nullptr, dout, options);
+    npy::write(a.out, out);  // a temporary file renamed into place: OUT is whole or untouched
+    return 0;
+}
+
+// ---- attend bench -------------------------------------------------------------
+
+struct BenchArgs {
+    int64_t b = 2, h = 8, n = 1024, m = 1024, d = 64, dv = -1, kv_heads = -1;
+    bool causal = false, mask = false, json = false;
+    int repeats = 10;
+    std::string device = "cpu", kernel, isa = "auto";
+};
+
+int bench_command(const BenchArgs &a) {
+    check_device(a.device);
+    const int64_t dv = a.dv < 0 ? a.d : a.dv, kv_heads = a.kv_heads < 0 ? a.h : a.kv_heads;
+    if (a.repeats < 1) throw BadInput("--repeats: expected at least 1");
+    for (auto [name, value] : {std::pair{"--b", a.b}, {"--h", a.h}, {"--n", a.n}, {"--m", a.m}, {"--d", a.d}, {"--dv", dv}}) {
+        if (value < 1) throw BadInput(std::string(name) + ": expected a positive size, got " + std::to_string(value));
+    }
+    std::vector<int64_t> q_shape{a.b, a.h, a.n, a.d}, out_shape{a.b, a.h, a.n, dv};
+    std::vector<int64_t> k_shape{a.b, kv_heads, a.m, a.d}, v_shape{a.b, kv_heads, a.m, dv}, mask_shape{a.b, a.m};
+    if (kv_heads == 0) {  // multi-query
+        k_shape = {a.b, a.m, a.d};
+        v_shape = {a.b, a.m, dv};
+    }
+    auto count = [](const std::vector<int64_t> &s) {
+        size_t n = 1;
+        for (auto e : s) n *= size_t(e);
+        return n;
+    };
+    auto q = random_floats(count(q_shape), 1), k = random_floats(count(k_shape), 2),
+         v = random_floats(count(v_shape), 3);
+    std::vector<float> out(count(out_shape));
+    std::vector<uint8_t> mask(count(mask_shape));
+    for (size_t j = 0; j < mask.size(); j++) mask[j] = (j % size_t(a.m)) < size_t(a.m * 9 / 10) ? 1 : 0;
+
+    DLTensor dq = dense_dl(q.data(), q_shape, {kDLFloat, 32, 1}), dk = dense_dl(k.data(), k_shape, {kDLFloat, 32, 1}),
+             dv_ = dense_dl(v.data(), v_shape, {kDLFloat, 32, 1}),
+             dout = dense_dl(out.data(), out_shape, {kDLFloat, 32, 1}),
+             dmask = dense_dl(mask.data(), mask_shape, {6, 8, 1});
+    Options options;
+    options.causal = a.causal;
+    options.kernel = a.kernel;
+    options.cpu_isa = parse_isa(a.isa);
+    auto ms = time_calls([&] { forward(dq, dk, dv_, a.mask ? &dmask : nullptr, dout, options); }, a.repeats);
+    double best = *std::min_element(ms.begin(), ms.end()), med = median(ms);
+    double flops = flop_count(a.b, a.h, a.n, a.m, a.d, dv, a.causal);
+    std::string kernel = a.kernel.empty() ? select_kernel(Device::CPU, DType::Float32, a.d, dv, {})->name : a.kernel;
+    std::printf("%s isa=%s b=%lld h=%lld n=%lld m=%lld d=%lld dv=%lld%s%s: best %.3f ms, median %.3f ms, %.1f GFLOP/s\n",
+                kernel.c_str(), a.isa.c_str(), (long long)a.b, (long long)a.h, (long long)a.n, (long long)a.m,
+                (long long)a.d, (long long)dv, a.causal ? " causal" : "", a.mask ? " mask" : "", best, med,
+                flops / best / 1e6);
+    if (a.json) {
+        nlohmann::json j{{"kernel", kernel}, {"isa", a.isa}, {"b", a.b}, {"h", a.h}, {"n", a.n}, {"m", a.m},
+                         {"d", a.d}, {"dv", dv}, {"kv_heads", kv_heads}, {"causal", a.causal}, {"mask", a.mask},
+                         {"ms", best}, {"median_ms", med}, {"gflops", flops / best / 1e6},
+                         {"median_gflops", flops / med / 1e6}, {"repeats", a.repeats}};
+        std::cout << j.dump() << std::endl;
+    }
+    return 0;
+}
+
+// ---- attend demo --------------------------------------------------------------
+
+// A progress line, rewritten in place, for work that takes more than a second.
+class Progress {
+public:
+    explicit Progress(std::string what) : what_(std::move(what)), start_(std::chrono::steady_clock::now()) {
+        std::fflush(stdout);  // what was printed before stays before the progress line
+    }
+    void update(double fraction) {
+        if (seconds() < 1.0) return;
+        std::fprintf(stderr, "\r%s: %3.0f%%", what_.c_str(), 100 * fraction);
+        shown_ = true;
+    }
+    void done() {
+        if (shown_) std::fprintf(stderr, "\r%s: done in %.1f s\n", what_.c_str(), seconds());
+    }
+    double seconds() const {
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    }
+
+private:
+    std::string what_;
+    std::chrono::steady_clock::time_point start_;
+    bool shown_ = false;
+};
+
+int demo_command() {
+    const int64_t b = 2, h = 8, n = 1024, m = 1024, d = 64;
+    const int64_t lengths[2] = {1024, 700};  // batch 1 padded after 700 keys, as in a TTS batch
+    std::printf("attend demo: naturalspeech2-like attention, b=%lld h=%lld n=m=%lld d=%lld, fp32,\n"
+                "key padding mask (lengths %lld and %lld) and causal, against a double-precision reference\n\n",
+                (long long)b, (long long)h, (long long)n, (long long)d, (long long)lengths[0], (long long)lengths[1]);
+    std::vector<int64_t> shape{b, h, n, d}, mask_shape{b, m};
+    auto q = random_floats(size_t(b * h * n * d), 11), k = random_floats(size_t(b * h * m * d), 12),
+         v = random_floats(size_t(b * h * m * d), 13);
+    std::vector<uint8_t> mask(size_t(b * m));
+    for (int64_t i = 0; i < b; i++)
+        for (int64_t j = 0; j < m; j++) mask[size_t(i * m + j)] = j < lengths[i];
+    Options options;
+    options.causal = true;
+
+    // The reference, one (batch, head) at a time so progress can be shown.
+    std::vector<double> expected;
+    Progress progress("double-precision reference");
+    for (int64_t bh = 0; bh < b * h; bh++) {
+        reference::Shape one{1, 1, 1, n, m, d, d};
+        int64_t batch = bh / h;
+        auto part = reference::forward(one, q.data() + bh * n * d, k.data() + bh * m * d, v.data() + bh * m * d,
+                                       mask.data() + batch * m, options);
+        expected.insert(expected.end(), part.begin(), part.end());
+        progress.update(double(bh + 1) / double(b * h));
+    }
+    progress.done();
+
+    std::vector<float> out(size_t(b * h * n * d));
+    DLTensor dq = dense_dl(q.data(), shape, {kDLFloat, 32, 1}), dk = dense_dl(k.data(), shape, {kDLFloat, 32, 1}),
+             dv = dense_dl(v.data(), shape, {kDLFloat, 32, 1}), dout = dense_dl(out.data(), shape, {kDLFloat, 32, 1}),
+             dmask = dense_dl(mask.data(), mask_shape, {6, 8, 1});
+    const std::string selected = select_kernel(Device::CPU, DType::Float32, d, d, {true, true, false})->name;
+    const double flops = flop_count(b, h, n, m, d, d, true);
+    const double parity = 2e-5;  // fp32 parity with the reference at this size (tests/support.hpp derives it)
+
+    std::printf("%-20s %-9s %12s %10s %12s\n", "kernel", "isa", "max |error|", "median ms", "GFLOP/s");
+    bool all_ok = true;
+    for (const auto &kernel : available_kernels()) {
+        if (kernel.head_dim != 0 && kernel.head_dim != d) continue;
+        for (CpuIsa isa : supported_cpu_isas()) {
+            Options o = options;
+            o.kernel = kernel.name;
+            o.cpu_isa = isa;
+            std::fill(out.begin(), out.end(), NAN);
+            auto ms = time_calls([&] { forward(dq, dk, dv, &dmask, dout, o); }, 5);
+            double max_error = 0;
+            for (size_t e = 0; e < out.size(); e++) {
+                double err = std::fabs(double(out[e]) - expected[e]);
+                max_error = std::isnan(err) ? INFINITY : std::max(max_error, err);
+            }
+            bool ok = max_error <= parity;
+            all_ok = all_ok && ok;
+            std::printf("%-20s %-9s %12.2e %10.2f %12.1f%s%s\n", kernel.name.c_str(), to_string(isa), max_error,
+                        median(ms), flops / median(ms) / 1e6, ok ? "" : "  ERROR ABOVE 2e-5",
+                        kernel.name == selected && isa == CpuIsa::Auto ? "  <- what forward() picks here" : "");
+        }
+    }
+    std::printf("\nGFLOP/s counts 4*b*h*n*m*d/2 (causal). %s\n",
+                all_ok ? "Every kernel matches the reference within 2e-5." : "SOME KERNELS DISAGREE WITH THE REFERENCE.");
+    return all_ok ? 0 : 1;
+}
+
+int kernels_command() {
+    std::printf("kernels of this build:\n");
+    for (const auto &k : available_kernels()) {
+        std::printf("  %-20s %s, %s\n", k.name.c_str(), to_string(k.device),
+                    k.head_dim ? ("d = dv = " + std::to_string(k.head_dim)).c_str() : "any d and dv");
+    }
+    std::printf("cpu instruction sets this machine can run:");
+    for (CpuIsa isa : supported_cpu_isas()) std::printf(" %s", to_string(isa));
+    std::printf("\n");
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+    CLI::App app{"attend: the attention of naturalspeech2's Attend module, from Halide kernels"};
+    app.require_subcommand(1);
+
+    RunArgs run;
+    auto *run_cmd = app.add_subcommand("run", "attention on .npy files (float32, C order; mask bool)");
+    run_cmd->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+    run_cmd->add_option("--q", run.q, "queries [b, h, n, d]")->required();
+    run_cmd->add_option("--k", run.k, "keys [b, h, m, d], [b, hk, m, d] or [b, m, d]")->required();
+    run_cmd->add_option("--v", run.v, "values, like k with last dim dv")->required();
+    run_cmd->add_option("--out", run.out, "output [b, h, n, dv], written only on success")->required();
+    run_cmd->add_option("--mask", run.mask, "key padding mask, bool [b, m], true = attend");
+    run_cmd->add_flag("--causal", run.causal, "mask key j for query i when j > i");
+    run_cmd->add_option("--scale", run.scale, "score scale (default d^-0.5)");
+    run_cmd->add_option("--dropout", run.dropout, "training-mode dropout probability p in [0, 1]");
+    run_cmd->add_option("--seed", run.seed, "dropout seed");
+    run_cmd->add_option("--device", run.device, "cpu");
+    run_cmd->add_option("--kernel", run.kernel, "force a kernel (see `attend kernels`)");
+    run_cmd->add_option("--isa", run.isa, "cap the CPU instruction set: auto, avx512, avx2, baseline");
+
+    BenchArgs bench;
+    auto *bench_cmd = app.add_subcommand("bench", "time a kernel on random inputs (best and median of --repeats)");
+    bench_cmd->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+    bench_cmd->add_option("--b", bench.b, "batch");
+    bench_cmd->add_option("--h", bench.h, "heads");
+    bench_cmd->add_option("--n", bench.n, "queries");
+    bench_cmd->add_option("--m", bench.m, "keys");
+    bench_cmd->add_option("--d", bench.d, "head dim");
+    bench_cmd->add_option("--dv", bench.dv, "value head dim (default d)");
+    bench_cmd->add_option("--kv-heads", bench.kv_heads, "kv heads (default h; 0: multi-query [b, m, d])");
+    bench_cmd->add_flag("--causal", bench.causal, "causal");
+    bench_cmd->add_flag("--mask", bench.mask, "with a key padding mask (last 10% of keys masked)");
+    bench_cmd->add_option("--repeats", bench.repeats, "timed calls after one warm-up");
+    bench_cmd->add_option("--device", bench.device, "cpu");
+    bench_cmd->add_option("--kernel", bench.kernel, "force a kernel");
+    bench_cmd->add_option("--isa", bench.isa, "cap the CPU instruction set");
+    bench_cmd->add_flag("--json", bench.json, "print a JSON object as the last line");
+
+    auto *demo_cmd = app.add_subcommand("demo", "every kernel of this build on a naturalspeech2-like batch");
+    auto *kernels_cmd = app.add_subcommand("kernels", "list the kernels of this build and this CPU's instruction sets");
+
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError &e) {
+        return app.exit(e) == 0 ? 0 : 2;
+    }
+    try {
+        if (*run_cmd) return run_command(run);
+        if (*bench_cmd) return bench_command(bench);
+        if (*demo_cmd) return demo_command();
+        if (*kernels_cmd) return kernels_command();
+    } catch (const std::invalid_argument &e) {
+        std::fprintf(stderr, "%s\n", e.what());
+        return 2;
+    } catch (const BadInput &e) {
+        std::fprintf(stderr, "attend: %s\n", e.what());
+        return 2;
+    } catch (const npy::Error &e) {
+        std::fprintf(stderr, "attend: %s\n", e.what());
+        return 2;
+    } catch (const std::exception &e) {
+        std::fprintf(stderr, "attend: %s\n", e.what());
+        return 1;
+    }
+    return 2;
+}

@@ -1,0 +1,276 @@
+// The attention of naturalspeech2's `Attend` as one Halide algorithm with its
+// schedules (DESIGN.md sections 1 and 3).
+//
+// Shapes here are Halide's (innermost first): q(c, i, h, b), k(c, j, hk, b),
+// v(c, j, hk, b), mask(j, b), out(c, i, h, b).
+//
+// The algorithm is flash attention written with pure Funcs: the keys are split
+// into blocks of `key_block`; per query row and block three partials are pure
+// (block max, block sum of weights, block weighted sum of v), and a Tuple-valued
+// update over the blocks merges them with the log-sum-exp rule. Scores are kept
+// in log2 units (q is scaled once by scale * log2(e)) so the softmax uses 2^x.
+#include <cfloat>
+#include <vector>
+
+#include "Halide.h"
+#include "attend/dropout_hash.hpp"
+
+namespace {
+
+using namespace Halide;
+
+// 2^x for x <= 0, which is every softmax argument here (each is max-subtracted).
+// Cephes' degree-6 polynomial on [-0.5, 0.5] (relative error about 2e-7) times an
+// exponent built from bits. Below -126 the weight is exactly 0, so masked keys
+// (score -FLT_MAX) weigh nothing next to any unmasked key.
+Expr exp2_nonpositive(Expr x) {
+    Expr clamped = max(x, -126.0f);
+    Expr whole = round(clamped);
+    Expr f = clamped - whole;
+    Expr p = 1.535336188319500e-4f;
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    Expr two_to_whole = reinterpret<float>((cast<int32_t>(whole) + 127) << 23);
+    return select(x < -126.0f, 0.0f, p * two_to_whole);
+}
+
+Expr u32(uint32_t x) { return Internal::make_const(UInt(32), x); }
+
+class Attention : public Generator<Attention> {
+public:
+    // Head dim of the variant: q, k, v all have it, and the running state is one
+    // Tuple of head_dim + 2 values per query row. 0 builds the generic variant
+    // (any d and dv; state per (column, row), which repeats the exps).
+    GeneratorParam<int> head_dim{"head_dim", 64};
+
+    // Schedule knobs (CPU): rows per tile (one task of the parallel loop), keys per
+    // block, SIMD width (0: the target's natural width), and the register tiles
+    // of the two matrix products, in vectors of rows by columns.
+    GeneratorParam<int> query_tile{"query_tile", 32};
+    GeneratorParam<int> key_block{"key_block", 128};
+    GeneratorParam<int> vector_width{"vector_width", 0};
+    GeneratorParam<int> score_row_vectors{"score_row_vectors", 2};
+    GeneratorParam<int> score_cols{"score_cols", 4};
+    GeneratorParam<int> pv_row_vectors{"pv_row_vectors", 2};
+    GeneratorParam<int> pv_cols{"pv_cols", 4};
+
+    Input<Buffer<float, 4>> q{"q"};
+    Input<Buffer<float, 4>> k{"k"};
+    Input<Buffer<float, 4>> v{"v"};
+    Input<Buffer<uint8_t, 2>> mask{"mask"};  // read only when has_mask
+    Input<float> scale{"scale"};
+    Input<bool> causal{"causal"};
+    Input<bool> has_mask{"has_mask"};
+    Input<uint32_t> drop_threshold{"drop_threshold"};  // 0: no dropout
+    Input<float> keep_scale{"keep_scale"};             // 1 / (1 - p), 0 when p = 1
+    Input<uint32_t> seed_lo{"seed_lo"};
+    Input<uint32_t> seed_hi{"seed_hi"};
+
+    Output<Buffer<float, 4>> out{"out"};
+
+    void generate() {
+        define_algorithm();
+        if (using_autoscheduler()) {
+            set_estimates();
+        } else {
+            schedule_cpu();
+        }
+    }
+
+private:
+    Var c{"c"}, i{"i"}, ii{"ii"}, io{"io"}, jj{"jj"}, kb{"kb"}, hq{"hq"}, bb{"bb"};
+    Func q_scaled{"q_scaled"}, score{"score"}, block_max{"block_max"}, weight{"weight"},
+        block_sum{"block_sum"}, block_out{"block_out"}, state{"state"}, first_unmasked{"first_unmasked"};
+    Func masked_score{"masked_score"};
+    RDom rc, rj, blocks;
+
+    bool generic() const { return head_dim == 0; }
+
+    void define_algorithm() {
+        const int TQ = query_tile, BK = key_block;
+        Expr N = q.dim(1).extent(), M = k.dim(1).extent();
+        Expr H = q.dim(2).extent(), HK = k.dim(2).extent();
+        Expr D = generic() ? q.dim(0).extent() : Expr(int(head_dim));
+        Expr kv_head = hq / (H / HK);  // grouped- and multi-query: no copy of k, v
+        Expr row = io * TQ + ii;       // the query row of tile io, lane ii
+        Expr key = kb * BK + jj;
+        Expr key_in = min(key, M - 1);  // loads stay in bounds on a partial last block
+
+        // q transposed (rows innermost) and scaled once: scores come out in log2 units.
+        q_scaled(ii, c, io, hq, bb) = q(c, min(row, N - 1), hq, bb) * (scale * float(M_LOG2E));
+
+        rc = RDom(0, D, "rc");
+        score(ii, jj, kb, io, hq, bb) = 0.0f;
+        score(ii, jj, kb, io, hq, bb) += q_scaled(ii, rc, io, hq, bb) * k(rc, key_in, kv_head, bb);
+
+        // Masked scores are -FLT_MAX, exactly as the seed's masked_fill: a fully
+        // masked row gets uniform weights over all keys.
+        Expr allowed = (!has_mask || mask(key_in, bb) != 0) && (!causal || key <= row);
+        masked_score(ii, jj, kb, io, hq, bb) = select(allowed, score(ii, jj, kb, io, hq, bb), -FLT_MAX);
+
+        rj = RDom(0, BK, "rj");
+        block_max(ii, kb, io, hq, bb) = -FLT_MAX;
+        block_max(ii, kb, io, hq, bb) = max(block_max(ii, kb, io, hq, bb), masked_score(ii, rj, kb, io, hq, bb));
+        // Keys past the end weigh 0 (unlike masked keys, which weigh 1 in a fully masked row).
+        weight(ii, jj, kb, io, hq, bb) = select(key < M, exp2_nonpositive(masked_score(ii, jj, kb, io, hq, bb) - block_max(ii, kb, io, hq, bb)), 0.0f);
+
+        block_sum(ii, kb, io, hq, bb) = 0.0f;
+        block_sum(ii, kb, io, hq, bb) += weight(ii, rj, kb, io, hq, bb);
+
+        // Dropout zeroes weights after the softmax: the sum above keeps them all.
+        auto lit = [](uint32_t x) { return u32(x); };
+        Expr head_key = attend::dropout::head_key<Expr>(seed_lo, seed_hi, cast<uint32_t>(bb), cast<uint32_t>(hq), lit);
+        Expr kept = drop_threshold == u32(0) ||
+                    attend::dropout::uniform24<Expr>(attend::dropout::row_key<Expr>(head_key, cast<uint32_t>(row), lit),
+                                             cast<uint32_t>(key), lit) >= drop_threshold;
+        Func kept_weight("kept_weight");
+        kept_weight(ii, jj, kb, io, hq, bb) = select(kept, weight(ii, jj, kb, io, hq, bb), 0.0f);
+
+        Expr key_r = min(kb * BK + rj, M - 1);
+        block_out(ii, c, kb, io, hq, bb) = 0.0f;
+        block_out(ii, c, kb, io, hq, bb) += kept_weight(ii, rj, kb, io, hq, bb) * v(c, key_r, kv_head, bb);
+
+        // Causal: blocks wholly above the diagonal of a tile are skipped, unless
+        // the tile holds a fully masked row (it needs every key, for the uniform weights).
+        RDom rm(0, select(has_mask && causal, M, 0), "rm");
+        first_unmasked(bb) = M;
+        first_unmasked(bb) = min(first_unmasked(bb), select(mask(rm, bb) != 0, rm, M));
+        Expr num_blocks = (M + BK - 1) / BK;
+        Expr below_diagonal = min(num_blocks, (io * TQ + TQ - 1) / BK + 1);
+        Expr needs_all = !causal || (has_mask && io * TQ < first_unmasked(bb));
+        blocks = RDom(0, num_blocks, "blocks");
+        blocks.where(blocks < select(needs_all, num_blocks, below_diagonal));
+
+        // The online-softmax merge of one block into the running (max, sum, out) state.
+        Expr mb = block_max(ii, blocks, io, hq, bb);
+        Expr lb = block_sum(ii, blocks, io, hq, bb);
+        auto merge = [&](const Tuple &st, const std::vector<Expr> &block_outs) {
+            Expr m_new = max(st[0], mb);
+            Expr old_factor = exp2_nonpositive(st[0] - m_new);
+            Expr block_factor = exp2_nonpositive(mb - m_new);
+            std::vector<Expr> next{m_new, st[1] * old_factor + lb * block_factor};
+            for (size_t e = 0; e < block_outs.size(); e++) {
+                next.push_back(st[2 + e] * old_factor + block_outs[e] * block_factor);
+            }
+            return Tuple(next);
+        };
+
+        Expr in_tile = i % TQ, tile = i / TQ;
+        if (generic()) {
+            // One (max, sum, out) state per output column and row.
+            state(c, ii, io, hq, bb) = Tuple(-FLT_MAX, 0.0f, 0.0f);
+            state(c, ii, io, hq, bb) = merge(state(c, ii, io, hq, bb), {block_out(ii, c, blocks, io, hq, bb)});
+            Tuple st = state(c, in_tile, tile, hq, bb);
+            out(c, i, hq, bb) = st[2] / st[1] * keep_scale;
+        } else {
+            // One state per row: (max, sum, out_0 .. out_{dv-1}).
+            const int DV = head_dim;
+            std::vector<Expr> init(DV + 2, 0.0f), outs;
+            init[0] = -FLT_MAX;
+            state(ii, io, hq, bb) = Tuple(init);
+            for (int e = 0; e < DV; e++) {
+                outs.push_back(block_out(ii, e, blocks, io, hq, bb));
+            }
+            state(ii, io, hq, bb) = merge(state(ii, io, hq, bb), outs);
+            Tuple st = state(in_tile, tile, hq, bb);
+            std::vector<Expr> columns(st.as_vector().begin() + 2, st.as_vector().end());
+            out(c, i, hq, bb) = mux(c, columns) / st[1] * keep_scale;
+        }
+
+        // Strides: k and v must be dense in their head dim (the hot loops read them);
+        // q, mask and out may have any strides (a dummy mask has strides 0).
+        q.dim(0).set_stride(Expr());
+        mask.dim(0).set_stride(Expr());
+        out.dim(0).set_stride(Expr());
+        if (!generic()) {
+            q.dim(0).set_bounds(0, int(head_dim));
+            k.dim(0).set_bounds(0, int(head_dim));
+            v.dim(0).set_bounds(0, int(head_dim));
+            out.dim(0).set_bounds(0, int(head_dim));
+        }
+    }
+
+    void set_estimates() {
+        const int D = generic() ? 64 : int(head_dim);
+        q.set_estimates({{0, D}, {0, 1024}, {0, 8}, {0, 2}});
+        k.set_estimates({{0, D}, {0, 1024}, {0, 8}, {0, 2}});
+        v.set_estimates({{0, D}, {0, 1024}, {0, 8}, {0, 2}});
+        mask.set_estimates({{0, 1024}, {0, 2}});
+        out.set_estimates({{0, D}, {0, 1024}, {0, 8}, {0, 2}});
+        scale.set_estimate(0.125f);
+        causal.set_estimate(false);
+        has_mask.set_estimate(false);
+        drop_threshold.set_estimate(0);
+        keep_scale.set_estimate(1.0f);
+        seed_lo.set_estimate(0);
+        seed_hi.set_estimate(0);
+    }
+
+    // CPU: one task per (tile of query rows, head, batch); inside it the blocks of
+    // keys run in order, each computing its scores, weights and partial products
+    // into small buffers, with the rows of the tile on the SIMD lanes.
+    void schedule_cpu() {
+        const int VW = vector_width > 0 ? int(vector_width) : natural_vector_size<float>();
+        const int TQ = query_tile;
+        Var task("task"), iio("iio"), iii("iii"), co("co"), ci("ci"), jo("jo"), ji("ji");
+
+        out.split(i, io, ii, TQ, TailStrategy::GuardWithIf)
+            .reorder(c, ii, io, hq, bb)
+            .fuse(io, hq, task)
+            .fuse(task, bb, task)
+            .parallel(task);
+        if (!generic()) out.unroll(c);
+
+        first_unmasked.compute_root();
+        q_scaled.compute_at(out, task).vectorize(ii, VW);
+
+        state.compute_at(out, task);
+        if (generic()) {
+            state.vectorize(ii, VW);
+            state.update().reorder(ii, c, blocks).vectorize(ii, VW);
+        } else {
+            state.vectorize(ii, VW);
+            state.update().reorder(ii, blocks).vectorize(ii, VW);
+        }
+
+        // Scores of the block: register tiles of score_row_vectors x score_cols.
+        Func scores = score.in();
+        scores.compute_at(state, blocks)
+            .tile(ii, jj, iio, jo, iii, ji, VW * score_row_vectors, score_cols)
+            .vectorize(iii, VW)
+            .unroll(iii)
+            .unroll(ji)
+            .store_in(MemoryType::Stack);
+        score.compute_at(scores, iio).vectorize(ii, VW).unroll(ii).unroll(jj);
+        score.update().reorder(ii, jj, rc).vectorize(ii, VW).unroll(ii).unroll(jj);
+
+        block_max.compute_at(state, blocks).vectorize(ii, VW);
+        block_max.update().reorder(ii, rj).vectorize(ii, VW);
+        weight.compute_at(state, blocks).vectorize(ii, VW).store_in(MemoryType::Stack);
+        block_sum.compute_at(state, blocks).vectorize(ii, VW);
+        block_sum.update().reorder(ii, rj).vectorize(ii, VW);
+
+        // P.V: register tiles of pv_row_vectors x pv_cols.
+        Func products = block_out.in();
+        products.compute_at(state, blocks)
+            .tile(ii, c, iio, co, iii, ci, VW * pv_row_vectors, pv_cols)
+            .vectorize(iii, VW)
+            .unroll(iii)
+            .unroll(ci)
+            .store_in(MemoryType::Stack);
+        block_out.compute_at(products, iio).vectorize(ii, VW).unroll(ii).unroll(c);
+        block_out.update().reorder(ii, c, rj).vectorize(ii, VW).unroll(ii).unroll(c);
+
+        // Dropout costs a hash per weight: only the path with it on pays.
+        out.specialize(drop_threshold == u32(0));
+    }
+
+};
+
+}  // namespace
+
+HALIDE_REGISTER_GENERATOR(Attention, attention)

@@ -1,0 +1,108 @@
+// Attend: the attention of naturalspeech2's `Attend` module, from Halide kernels.
+//
+//   out = dropout(softmax(q kᵀ * scale + masks)) v
+//
+// Two entry points take the same tensors: DLPack tensors in PyTorch's order and
+// Halide buffers in Halide's (reversed) order.
+//
+//   tensor | DLPack shape (outermost first)     | Halide buffer dims (innermost first)
+//   q      | [b, h, n, d]                       | (d, n, h, b)
+//   k      | [b, h, m, d] [b, hk, m, d] [b, m, d] | (d, m, h, b) (d, m, hk, b) (d, m, b)
+//   v      | like k, last dim dv                | like k, first dim dv
+//   mask   | bool [b, m], true = attend         | (m, b)
+//   out    | [b, h, n, dv], written             | (dv, n, h, b)
+//
+// A 3-D k/v is shared by all heads (multi-query); hk heads with h % hk == 0 are
+// grouped-query. Masked scores become -FLT_MAX, so a row with every key masked
+// gets uniform weights (the mean of v), as in the original module.
+//
+// Strides: any non-negative strides are accepted. k and v are read in place when
+// their head dim is dense (stride 1) and copied to dense memory otherwise; q,
+// mask and out are used in place with any strides. out must not overlap itself
+// or any input.
+//
+// Errors: a bad argument throws std::invalid_argument naming the argument, the
+// expectation and what was given; a failure while running throws attend::Error.
+// In both cases out is left untouched.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <HalideBuffer.h>
+#include <dlpack/dlpack.h>
+
+#if defined(_WIN32)
+#define ATTEND_API __declspec(dllexport)
+#else
+#define ATTEND_API __attribute__((visibility("default")))
+#endif
+
+namespace attend {
+
+enum class Device { Auto, CPU };
+enum class DType { Float32 };
+
+// Which instruction set the CPU kernels may use. Auto lets the multi-target
+// dispatch pick the best this CPU has; the others cap it (tests and benchmarks
+// use them to run every CPU path of the build on one machine).
+enum class CpuIsa { Auto, AVX512, AVX2, Baseline };
+
+struct Options {
+    float dropout = 0.0f;          // probability p of zeroing a weight, in [0, 1]
+    bool training = false;         // dropout applies only in training (nn.Dropout)
+    bool causal = false;           // key j is masked for query i when j > i (top-left)
+    std::optional<float> scale;    // default: d^-0.5
+    uint64_t seed = 0;             // dropout: the mask is a pure function of (seed, b, h, i, j)
+    Device device = Device::Auto;  // Auto: where the tensors are
+    CpuIsa cpu_isa = CpuIsa::Auto;
+    std::string kernel;            // force a kernel by name (tests, tuning); empty: select_kernel decides
+};
+
+// A failure while running a kernel (Halide runtime error, out of memory).
+class Error : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+// What a call needs from a kernel beyond device, dtype and head dims.
+struct Features {
+    bool mask = false;
+    bool causal = false;
+    bool dropout = false;
+};
+
+struct KernelInfo {
+    std::string name;  // e.g. "attend_cpu_d64"
+    Device device = Device::CPU;
+    int head_dim = 0;  // 0: generic (any d and dv); else d == dv == head_dim
+};
+
+// The one decision of which kernel runs a call: answers "is this supported?"
+// (nullopt, with the reason in *why_not) and "which kernel" for forward().
+ATTEND_API std::optional<KernelInfo> select_kernel(Device device, DType dtype, int64_t head_dim, int64_t value_dim,
+                                                   Features features, std::string *why_not = nullptr);
+
+// Every kernel of this build, and the CPU instruction sets this machine can run.
+ATTEND_API std::vector<KernelInfo> available_kernels();
+ATTEND_API std::vector<CpuIsa> supported_cpu_isas();
+ATTEND_API const char *to_string(CpuIsa isa);
+ATTEND_API const char *to_string(Device device);
+
+ATTEND_API void forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const DLTensor *mask,
+                        const DLTensor &out, const Options &options = {});
+
+// mask: an undefined buffer (default-constructed) means no mask; element type
+// bool or uint8 (nonzero = attend).
+ATTEND_API void forward(const Halide::Runtime::Buffer<const void> &q, const Halide::Runtime::Buffer<const void> &k,
+                        const Halide::Runtime::Buffer<const void> &v, const Halide::Runtime::Buffer<const void> &mask,
+                        const Halide::Runtime::Buffer<void> &out, const Options &options = {});
+
+// Floating-point operations of one call, as benchmarks count them: 2·b·h·n·m·(d + dv)
+// for the two matrix products (4·b·h·n·m·d when dv = d), halved for causal.
+ATTEND_API double flop_count(int64_t b, int64_t h, int64_t n, int64_t m, int64_t d, int64_t dv, bool causal);
+
+}  // namespace attend

@@ -1,0 +1,24 @@
+// The oracle: attention in double precision, written as plainly as the math, to
+// check every kernel against (tests, `attend demo`). O(n·m) memory per row block
+// is fine here; speed is not its job.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "attend/attend.hpp"
+
+namespace attend::reference {
+
+// Dense C-order arrays in PyTorch's shapes: q [b, h, n, d]; k [b, kv_heads, m, d]
+// and v [b, kv_heads, m, dv], or [b, m, d] / [b, m, dv] when kv_heads == 0
+// (multi-query); mask [b, m] (nullptr: none), nonzero = attend.
+struct Shape {
+    int64_t b = 1, h = 1, kv_heads = 1, n = 1, m = 1, d = 1, dv = 1;
+};
+
+// Returns out [b, h, n, dv]. Uses options.scale, causal, dropout, training, seed.
+ATTEND_API std::vector<double> forward(const Shape &shape, const float *q, const float *k, const float *v,
+                                       const uint8_t *mask, const Options &options);
+
+}  // namespace attend::reference

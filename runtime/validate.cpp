@@ -1,0 +1,305 @@
+// Validation at the boundary: every check of a call happens here, once, before
+// any kernel runs, so a rejected call has written nothing.
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <sstream>
+
+#include "attend/dropout_hash.hpp"
+#include "internal.hpp"
+
+namespace attend::detail {
+namespace {
+
+constexpr uint8_t kDLBoolCode = 6;  // kDLBool in DLPack >= 0.8 (this header predates it)
+
+std::string shape_string(const TensorView &t) {
+    std::ostringstream s;
+    s << "[";
+    for (int i = 0; i < t.ndim; i++) s << (i ? ", " : "") << t.shape[i];
+    s << "]";
+    return s.str();
+}
+
+std::string dtype_string(DLDataType t) {
+    std::ostringstream s;
+    switch (t.code) {
+    case kDLInt: s << "int" << int(t.bits); break;
+    case kDLUInt: s << "uint" << int(t.bits); break;
+    case kDLFloat: s << "float" << int(t.bits); break;
+    case kDLBfloat: s << "bfloat" << int(t.bits); break;
+    case kDLBoolCode: s << "bool"; break;
+    default: s << "dtype code " << int(t.code) << " (" << int(t.bits) << " bits)";
+    }
+    if (t.lanes != 1) s << "x" << t.lanes;
+    return s.str();
+}
+
+std::string device_string(DLDevice d) {
+    switch (d.device_type) {
+    case kDLCPU: return "cpu";
+    case kDLCUDAHost: return "cuda-host (pinned host memory)";
+    case kDLCUDA: return "cuda:" + std::to_string(d.device_id);
+    case kDLOpenCL: return "opencl:" + std::to_string(d.device_id);
+    default: return "device type " + std::to_string(int(d.device_type)) + ":" + std::to_string(d.device_id);
+    }
+}
+
+[[noreturn]] void fail(const std::string &message) { throw std::invalid_argument("attend: " + message); }
+
+bool is_float32(DLDataType t) { return t.code == kDLFloat && t.bits == 32 && t.lanes == 1; }
+bool is_mask_type(DLDataType t) { return (t.code == kDLBoolCode || t.code == kDLUInt) && t.bits == 8 && t.lanes == 1; }
+bool host_accessible(DLDevice d) { return d.device_type == kDLCPU || d.device_type == kDLCUDAHost; }
+
+int64_t element_count(const TensorView &t) {
+    int64_t count = 1;
+    for (int i = 0; i < t.ndim; i++) count *= t.shape[i];
+    return count;
+}
+
+// Offset in elements of the last element (0 for a tensor with no elements).
+int64_t last_offset(const TensorView &t) {
+    int64_t last = 0;
+    for (int i = 0; i < t.ndim; i++) last += (t.shape[i] - 1) * t.strides[i];
+    return last;
+}
+
+void check_basic(const TensorView &t, std::initializer_list<int> ranks, const char *layout) {
+    if (std::find(ranks.begin(), ranks.end(), t.ndim) == ranks.end()) {
+        fail(std::string(t.name) + ": expected " + layout + ", got " + std::to_string(t.ndim) + " dims " +
+             (t.ndim >= 0 && t.ndim <= 4 ? shape_string(t) : std::string()));
+    }
+    for (int i = 0; i < t.ndim; i++) {
+        if (t.shape[i] < 0) {
+            fail(std::string(t.name) + ": dim " + std::to_string(i) + " has negative size " +
+                 std::to_string(t.shape[i]) + " (shape " + shape_string(t) + ")");
+        }
+        if (t.strides[i] < 0) {
+            fail(std::string(t.name) + ": stride of dim " + std::to_string(i) + " is " + std::to_string(t.strides[i]) +
+                 "; negative strides are not supported");
+        }
+    }
+    if (t.on_device_only) {
+        fail(std::string(t.name) + ": the buffer's current data is on a device (device_dirty); this build runs on "
+                                   "the cpu: copy it to the host first");
+    }
+    if (!host_accessible(t.device)) {
+        fail(std::string(t.name) + ": tensor is on " + device_string(t.device) +
+             "; this build has kernels for the cpu only");
+    }
+    if (element_count(t) > 0 && t.data == nullptr) {
+        fail(std::string(t.name) + ": data is null for a tensor of shape " + shape_string(t));
+    }
+    // The kernels index with 32-bit integers.
+    const int64_t limit = INT32_MAX;
+    for (int i = 0; i < t.ndim; i++) {
+        if (t.shape[i] > limit || t.strides[i] > limit) {
+            fail(std::string(t.name) + ": dim " + std::to_string(i) + " (size " + std::to_string(t.shape[i]) +
+                 ", stride " + std::to_string(t.strides[i]) + ") exceeds the 32-bit indexing of the kernels");
+        }
+    }
+    int64_t bytes = element_count(t) == 0 ? 0 : (last_offset(t) + 1) * ((t.dtype.bits + 7) / 8);
+    if (bytes > limit) {
+        fail(std::string(t.name) + ": spans " + std::to_string(bytes) +
+             " bytes; the kernels use 32-bit indexing, at most 2147483647 bytes per tensor");
+    }
+}
+
+void check_float32(const TensorView &t) {
+    if (!is_float32(t.dtype)) {
+        fail(std::string(t.name) + ": expected dtype float32, got " + dtype_string(t.dtype));
+    }
+}
+
+void check_same(const TensorView &t, int dim, int64_t expected, const TensorView &ref, const char *what) {
+    if (t.shape[dim] != expected) {
+        fail(std::string(t.name) + ": " + what + " is " + std::to_string(t.shape[dim]) + " but " + ref.name +
+             "'s is " + std::to_string(expected) + " (" + t.name + " " + shape_string(t) + ", " + ref.name + " " +
+             shape_string(ref) + ")");
+    }
+}
+
+// out is written through: no two of its elements may share memory.
+void check_no_self_overlap(const TensorView &t) {
+    if (element_count(t) == 0) return;
+    int order[4] = {0, 1, 2, 3};  // dims by increasing stride (insertion sort of at most 4)
+    for (int r = 1; r < t.ndim && r < 4; r++) {
+        for (int s = r; s > 0 && t.strides[order[s]] < t.strides[order[s - 1]]; s--) std::swap(order[s], order[s - 1]);
+    }
+    int64_t span = 0;  // offset of the last element of the inner dims seen so far
+    for (int r = 0; r < t.ndim; r++) {
+        int i = order[r];
+        if (t.shape[i] == 1) continue;
+        if (t.strides[i] <= span) {
+            fail(std::string(t.name) + ": strides make elements overlap (dim " + std::to_string(i) + " stride " +
+                 std::to_string(t.strides[i]) + "); out must have distinct memory for every element");
+        }
+        span += (t.shape[i] - 1) * t.strides[i];
+    }
+}
+
+bool overlaps(const TensorView &a, const TensorView &b) {
+    if (!a.present || !b.present || element_count(a) == 0 || element_count(b) == 0) return false;
+    auto begin_a = static_cast<const char *>(a.data), begin_b = static_cast<const char *>(b.data);
+    auto end_a = begin_a + (last_offset(a) + 1) * (a.dtype.bits / 8);
+    auto end_b = begin_b + (last_offset(b) + 1) * (b.dtype.bits / 8);
+    return begin_a < end_b && begin_b < end_a;
+}
+
+// A 3-D k or v [b, m, d] seen as [b, 1, m, d]: one kv head shared by all heads.
+TensorView as_4d(TensorView t) {
+    if (t.ndim == 4) return t;
+    t.shape[3] = t.shape[2];
+    t.strides[3] = t.strides[2];
+    t.shape[2] = t.shape[1];
+    t.strides[2] = t.strides[1];
+    t.shape[1] = 1;
+    t.strides[1] = 0;
+    t.ndim = 4;
+    return t;
+}
+
+void check_options(const Options &options) {
+    if (!(options.dropout >= 0.0f && options.dropout <= 1.0f)) {  // also rejects NaN
+        std::ostringstream s;
+        s << "options.dropout: expected a probability in [0, 1], got " << options.dropout;
+        fail(s.str());
+    }
+    if (options.scale && !std::isfinite(*options.scale)) {
+        std::ostringstream s;
+        s << "options.scale: expected a finite number, got " << *options.scale;
+        fail(s.str());
+    }
+    if (options.device != Device::Auto && options.device != Device::CPU) {
+        fail("options.device: unknown device " + std::to_string(int(options.device)));
+    }
+    auto isas = supported_cpu_isas();
+    if (std::find(isas.begin(), isas.end(), options.cpu_isa) == isas.end()) {
+        fail(std::string("options.cpu_isa: ") + to_string(options.cpu_isa) + " is not supported by this CPU");
+    }
+}
+
+}  // namespace
+
+TensorView view_of(const char *name, const DLTensor &t) {
+    TensorView v;
+    v.name = name;
+    v.present = true;
+    v.data = t.data ? static_cast<char *>(t.data) + t.byte_offset : nullptr;
+    v.dtype = t.dtype;
+    v.device = t.device;
+    v.ndim = t.ndim;
+    if (t.ndim < 0 || t.ndim > 4) return v;  // rejected by validation, with the rank
+    if (t.ndim > 0 && t.shape == nullptr) {
+        v.ndim = -1;
+        return v;
+    }
+    int64_t compact = 1;
+    for (int i = t.ndim - 1; i >= 0; i--) {
+        v.shape[i] = t.shape[i];
+        v.strides[i] = t.strides ? t.strides[i] : compact;  // null strides: compact row-major
+        compact *= t.shape[i];
+    }
+    return v;
+}
+
+TensorView view_of(const char *name, const halide_buffer_t &b) {
+    TensorView v;
+    v.name = name;
+    v.present = true;
+    v.data = b.host;
+    v.dtype.code = b.type.code == halide_type_float  ? kDLFloat
+                   : b.type.code == halide_type_int  ? kDLInt
+                   : b.type.code == halide_type_uint ? kDLUInt
+                                                     : kDLBfloat;
+    v.dtype.bits = b.type.bits == 1 ? 8 : b.type.bits;  // Halide's bool is one byte
+    if (b.type.code == halide_type_uint && b.type.bits == 1) v.dtype.code = kDLBoolCode;
+    v.dtype.lanes = b.type.lanes;
+    v.on_device_only = b.device_interface != nullptr && (b.flags & halide_buffer_flag_device_dirty) != 0;
+    v.ndim = b.dimensions;
+    if (b.dimensions < 0 || b.dimensions > 4) return v;
+    for (int i = 0; i < b.dimensions; i++) {  // Halide's dim 0 is the innermost
+        v.shape[b.dimensions - 1 - i] = b.dim[i].extent;
+        v.strides[b.dimensions - 1 - i] = b.dim[i].stride;
+    }
+    return v;
+}
+
+Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, const TensorView &mask,
+                 const TensorView &out, const Options &options) {
+    check_options(options);
+    check_basic(q, {4}, "4 dims [b, h, n, d]");
+    check_basic(k, {3, 4}, "3 dims [b, m, d] or 4 dims [b, hk, m, d]");
+    check_basic(v, {3, 4}, "3 dims [b, m, dv] or 4 dims [b, hk, m, dv]");
+    check_basic(out, {4}, "4 dims [b, h, n, dv]");
+    if (mask.present) check_basic(mask, {2}, "2 dims [b, m]");
+    for (const TensorView *t : {&q, &k, &v, &out}) check_float32(*t);
+    if (mask.present && !is_mask_type(mask.dtype)) {
+        fail(std::string("mask: expected dtype bool (or uint8), got ") + dtype_string(mask.dtype));
+    }
+    for (const TensorView *t : {&k, &v, &out, &mask}) {
+        if (t->present && t->device.device_type != q.device.device_type) {
+            fail(std::string(t->name) + ": is on " + device_string(t->device) + " but q is on " +
+                 device_string(q.device) + "; all tensors must be on one device");
+        }
+    }
+    if (k.ndim != v.ndim) {
+        fail("v: has " + std::to_string(v.ndim) + " dims but k has " + std::to_string(k.ndim) +
+             "; k and v must both be 3-D (multi-query) or both 4-D");
+    }
+
+    Problem p;
+    p.b = q.shape[0];
+    p.h = q.shape[1];
+    p.n = q.shape[2];
+    p.d = q.shape[3];
+    p.k = as_4d(k);
+    p.v = as_4d(v);
+    p.kv_heads = p.k.shape[1];
+    p.m = p.k.shape[2];
+    p.dv = p.v.shape[3];
+
+    check_same(k, 0, p.b, q, "batch size");
+    check_same(v, 0, p.b, q, "batch size");
+    check_same(k, k.ndim - 1, p.d, q, "head dim");
+    if (k.ndim == 4) {
+        if (p.kv_heads == 0 || p.h % p.kv_heads != 0) {
+            fail("k: its " + std::to_string(p.kv_heads) + " kv heads must divide q's " + std::to_string(p.h) +
+                 " heads (k " + shape_string(k) + ", q " + shape_string(q) + ")");
+        }
+        check_same(v, 1, p.kv_heads, k, "number of kv heads");
+    }
+    check_same(v, v.ndim - 2, p.m, k, "number of keys");
+    if (p.m == 0) fail("k: has 0 keys " + shape_string(k) + "; attention needs at least one key");
+    if (p.d == 0) fail("q: head dim is 0 " + shape_string(q) + "; expected at least 1");
+    if (out.shape[0] != p.b || out.shape[1] != p.h || out.shape[2] != p.n || out.shape[3] != p.dv) {
+        std::ostringstream s;
+        s << "out: expected shape [" << p.b << ", " << p.h << ", " << p.n << ", " << p.dv
+          << "] ([b, h, n, dv] from q and v), got " << shape_string(out);
+        fail(s.str());
+    }
+    if (mask.present && (mask.shape[0] != p.b || mask.shape[1] != p.m)) {
+        fail("mask: expected shape [" + std::to_string(p.b) + ", " + std::to_string(p.m) +
+             "] ([b, m] from q and k), got " + shape_string(mask));
+    }
+    check_no_self_overlap(out);
+    for (const TensorView *t : {&q, &k, &v, &mask}) {
+        if (overlaps(out, *t)) {
+            fail(std::string("out: overlaps the memory of ") + t->name + "; out must not alias an input");
+        }
+    }
+
+    p.q = q;
+    p.mask = mask;
+    p.out = out;
+    p.device = Device::CPU;
+    p.scale = options.scale ? *options.scale : float(1.0 / std::sqrt(double(p.d)));
+    p.seed = options.seed;
+    bool dropout = options.training && options.dropout > 0.0f;
+    p.drop_threshold = dropout ? attend::dropout::threshold_for(options.dropout) : 0;
+    p.keep_scale = !dropout ? 1.0f : options.dropout < 1.0f ? float(1.0 / (1.0 - double(options.dropout))) : 0.0f;
+    p.features = Features{mask.present, options.causal, p.drop_threshold > 0};
+    return p;
+}
+
+}  // namespace attend::detail

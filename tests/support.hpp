@@ -1,0 +1,220 @@
+// Test support: tensors that own their memory and lend DLTensor views, random
+// inputs, and the comparison with the double-precision oracle.
+#pragma once
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <doctest/doctest.h>
+
+#include "attend/attend.hpp"
+#include "attend/reference.hpp"
+
+namespace attend::test {
+
+// A tensor in PyTorch's order over its own storage, with any strides.
+template <class T>
+struct Tensor {
+    std::vector<T> storage;
+    std::vector<int64_t> shape, strides;
+    DLDataType dtype{};
+    int64_t offset = 0;  // elements before the first one
+
+    int64_t numel() const {
+        int64_t n = 1;
+        for (auto s : shape) n *= s;
+        return n;
+    }
+    // Element at a multi-index (PyTorch order).
+    T &at(std::initializer_list<int64_t> index) {
+        int64_t o = offset, d = 0;
+        for (auto i : index) o += i * strides[size_t(d++)];
+        return storage[size_t(o)];
+    }
+    DLTensor dl() {
+        DLTensor t{};
+        t.data = storage.data();
+        t.byte_offset = uint64_t(offset) * sizeof(T);
+        t.device = {kDLCPU, 0};
+        t.ndim = int(shape.size());
+        t.dtype = dtype;
+        t.shape = shape.data();
+        t.strides = strides.data();
+        return t;
+    }
+    // The elements in C order (undoing any strides).
+    std::vector<T> dense() const {
+        std::vector<T> out;
+        out.reserve(size_t(numel()));
+        std::vector<int64_t> index(shape.size(), 0);
+        for (int64_t e = 0; e < numel(); e++) {
+            int64_t o = offset;
+            for (size_t d = 0; d < shape.size(); d++) o += index[d] * strides[d];
+            out.push_back(storage[size_t(o)]);
+            for (int d = int(shape.size()) - 1; d >= 0; d--) {
+                if (++index[size_t(d)] < shape[size_t(d)]) break;
+                index[size_t(d)] = 0;
+            }
+        }
+        return out;
+    }
+};
+
+inline DLDataType float32_type() { return DLDataType{kDLFloat, 32, 1}; }
+inline DLDataType bool_type() { return DLDataType{6 /* kDLBool */, 8, 1}; }
+
+// A dense tensor, C order, or with its dims laid out in memory in `memory_order`
+// (a permutation, outermost first), e.g. {0, 2, 1, 3}: [b, n, h, d] memory seen as [b, h, n, d].
+template <class T>
+Tensor<T> make_tensor(std::vector<int64_t> shape, DLDataType dtype, std::vector<int> memory_order = {}) {
+    Tensor<T> t;
+    t.shape = shape;
+    t.dtype = dtype;
+    t.strides.assign(shape.size(), 0);
+    if (memory_order.empty()) {
+        for (size_t i = 0; i < shape.size(); i++) memory_order.push_back(int(i));
+    }
+    int64_t stride = 1;
+    for (int r = int(memory_order.size()) - 1; r >= 0; r--) {
+        t.strides[size_t(memory_order[size_t(r)])] = stride;
+        stride *= shape[size_t(memory_order[size_t(r)])];
+    }
+    t.storage.assign(size_t(std::max<int64_t>(stride, 1)), T{});
+    return t;
+}
+
+inline Tensor<float> random_tensor(std::vector<int64_t> shape, uint32_t seed, std::vector<int> memory_order = {}) {
+    auto t = make_tensor<float>(shape, float32_type(), memory_order);
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> normal;
+    for (auto &x : t.storage) x = normal(rng);
+    return t;
+}
+
+inline Tensor<float> nan_tensor(std::vector<int64_t> shape, std::vector<int> memory_order = {}) {
+    auto t = make_tensor<float>(shape, float32_type(), memory_order);
+    std::fill(t.storage.begin(), t.storage.end(), std::numeric_limits<float>::quiet_NaN());
+    return t;
+}
+
+// mask [b, m]: each key kept with probability keep_fraction.
+inline Tensor<uint8_t> random_mask(int64_t b, int64_t m, double keep_fraction, uint32_t seed) {
+    auto t = make_tensor<uint8_t>({b, m}, bool_type());
+    std::mt19937 rng(seed);
+    std::bernoulli_distribution keep(keep_fraction);
+    for (auto &x : t.storage) x = keep(rng) ? 1 : 0;
+    return t;
+}
+
+// One attention problem: inputs, an output full of NaN (so an element a kernel
+// fails to write is caught), and the oracle's answer.
+struct Problem {
+    reference::Shape shape;
+    Tensor<float> q, k, v, out;
+    std::optional<Tensor<uint8_t>> mask;
+    Options options;
+
+    void run() {
+        DLTensor dq = q.dl(), dk = k.dl(), dv = v.dl(), dout = out.dl();
+        DLTensor dmask = mask ? mask->dl() : DLTensor{};
+        attend::forward(dq, dk, dv, mask ? &dmask : nullptr, dout, options);
+    }
+    std::vector<double> expected() const {
+        auto qd = q.dense(), kd = k.dense(), vd = v.dense();
+        std::vector<uint8_t> md;
+        if (mask) md = mask->dense();
+        return reference::forward(shape, qd.data(), kd.data(), vd.data(), mask ? md.data() : nullptr, options);
+    }
+};
+
+struct ProblemSpec {
+    int64_t b = 1, h = 1, kv_heads = 1, n = 1, m = 1, d = 8, dv = 8;  // kv_heads 0: multi-query
+    bool mask = false;
+    double mask_keep = 0.7;
+    std::vector<int> q_order, kv_order, out_order;  // memory layouts (empty: C order)
+    uint32_t seed = 1;
+};
+
+inline Problem make_problem(const ProblemSpec &s, Options options = {}) {
+    Problem p;
+    p.shape = reference::Shape{s.b, s.h, s.kv_heads, s.n, s.m, s.d, s.dv};
+    p.q = random_tensor({s.b, s.h, s.n, s.d}, s.seed, s.q_order);
+    if (s.kv_heads == 0) {
+        p.k = random_tensor({s.b, s.m, s.d}, s.seed + 1);
+        p.v = random_tensor({s.b, s.m, s.dv}, s.seed + 2);
+    } else {
+        p.k = random_tensor({s.b, s.kv_heads, s.m, s.d}, s.seed + 1, s.kv_order);
+        p.v = random_tensor({s.b, s.kv_heads, s.m, s.dv}, s.seed + 2, s.kv_order);
+    }
+    p.out = nan_tensor({s.b, s.h, s.n, s.dv}, s.out_order);
+    if (s.mask) p.mask = random_mask(s.b, s.m, s.mask_keep, s.seed + 3);
+    p.options = options;
+    return p;
+}
+
+// The fp32 error bound of one output element, from a probabilistic rounding
+// analysis (errors of n-term sums grow like sqrt(n)·eps with high probability,
+// Higham & Mary 2019), with a safety factor of 4:
+//  - each score is a d-term dot product: absolute error ~ sqrt(d)·eps·scale·Σ|q k|,
+//    and Σ|q k| <= |q|·|k| (Cauchy-Schwarz, largest row norms);
+//  - the softmax turns a score error Δ into a relative weight error of about 2Δ,
+//    plus the 2^x polynomial (2e-7, inside the constant term);
+//  - the weighted sum and the normaliser are m-term sums: relative error ~ sqrt(m)·eps.
+// Scaled by the largest |v| and by the dropout factor 1/(1-p).
+inline double largest_row_norm(const std::vector<float> &dense, int64_t row_length) {
+    double largest = 0;
+    for (size_t r = 0; r + size_t(row_length) <= dense.size(); r += size_t(row_length)) {
+        double sum = 0;
+        for (int64_t c = 0; c < row_length; c++) sum += double(dense[r + size_t(c)]) * dense[r + size_t(c)];
+        largest = std::max(largest, std::sqrt(sum));
+    }
+    return largest;
+}
+
+inline double fp32_tolerance(const Problem &p) {
+    const double eps = FLT_EPSILON;
+    double max_v = 0;
+    for (auto x : p.v.dense()) max_v = std::max(max_v, double(std::fabs(x)));
+    double d = double(p.shape.d), m = double(p.shape.m);
+    double scale = p.options.scale ? std::fabs(*p.options.scale) : 1.0 / std::sqrt(d);
+    double score_magnitude = scale * largest_row_norm(p.q.dense(), p.shape.d) * largest_row_norm(p.k.dense(), p.shape.d);
+    bool dropout = p.options.training && p.options.dropout > 0 && p.options.dropout < 1;
+    double keep_scale = dropout ? 1.0 / (1.0 - p.options.dropout) : 1.0;
+    return 4.0 * eps * max_v * keep_scale * (2.0 * std::sqrt(d) * score_magnitude + std::sqrt(m) + 8.0);
+}
+
+struct Comparison {
+    double max_error = 0;
+    int64_t not_finite = 0;  // NaN left in out: an element the kernel did not write
+};
+
+inline Comparison compare(const std::vector<float> &got, const std::vector<double> &expected) {
+    Comparison c;
+    REQUIRE(got.size() == expected.size());
+    for (size_t i = 0; i < got.size(); i++) {
+        if (!std::isfinite(got[i])) {
+            c.not_finite++;
+            continue;
+        }
+        c.max_error = std::max(c.max_error, std::fabs(double(got[i]) - expected[i]));
+    }
+    return c;
+}
+
+// Runs p and checks it against the oracle within the fp32 tolerance.
+inline void check_against_reference(Problem &p, const std::vector<double> &expected) {
+    p.run();
+    auto c = compare(p.out.dense(), expected);
+    double tolerance = fp32_tolerance(p);
+    INFO("max error " << c.max_error << ", tolerance " << tolerance << ", unwritten " << c.not_finite);
+    CHECK(c.not_finite == 0);
+    CHECK(c.max_error <= tolerance);
+}
+
+}  // namespace attend::test

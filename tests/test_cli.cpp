@@ -1,0 +1,163 @@
+// The attend program: a good run, bench --json, and bad input (exit status,
+// a message on stderr naming what is wrong, OUT.npy untouched).
+#include <sys/wait.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "npy.hpp"
+#include "support.hpp"
+
+using namespace attend;
+using namespace attend::test;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Result {
+    int status = -1;
+    std::string out, err;
+};
+
+std::string slurp(const fs::path &p) {
+    std::ifstream f(p, std::ios::binary);
+    std::stringstream s;
+    s << f.rdbuf();
+    return s.str();
+}
+
+class Workspace {
+public:
+    Workspace() : dir_(fs::temp_directory_path() / ("attend_cli_test_" + std::to_string(::getpid()))) {
+        fs::remove_all(dir_);
+        fs::create_directories(dir_);
+    }
+    ~Workspace() { fs::remove_all(dir_); }
+    std::string path(const std::string &name) const { return (dir_ / name).string(); }
+
+    Result attend(const std::string &args) const {
+        Result r;
+        std::string command = std::string(ATTEND_CLI) + " " + args + " > " + path("stdout") + " 2> " + path("stderr");
+        int raw = std::system(command.c_str());
+        r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
+        r.out = slurp(path("stdout"));
+        r.err = slurp(path("stderr"));
+        return r;
+    }
+
+    void save(const std::string &name, const Tensor<float> &t) const {
+        npy::Array a;
+        a.dtype = npy::DType::Float32;
+        a.shape = t.shape;
+        auto dense = t.dense();
+        a.data.resize(dense.size() * sizeof(float));
+        std::memcpy(a.data.data(), dense.data(), a.data.size());
+        npy::write(path(name), a);
+    }
+    void save_mask(const std::string &name, const Tensor<uint8_t> &t) const {
+        npy::Array a;
+        a.dtype = npy::DType::Bool;
+        a.shape = t.shape;
+        a.data = t.dense();
+        npy::write(path(name), a);
+    }
+
+private:
+    fs::path dir_;
+};
+
+// q, k, v, mask of one problem on disk, and a sentinel OUT file.
+struct CliProblem {
+    Workspace ws;
+    Problem p;
+    std::string files;
+    CliProblem() {
+        ProblemSpec spec;
+        spec.b = 2;
+        spec.h = 4;
+        spec.kv_heads = 0;
+        spec.n = 30;
+        spec.m = 40;
+        spec.d = spec.dv = 64;
+        spec.mask = true;
+        p = make_problem(spec);
+        ws.save("q.npy", p.q);
+        ws.save("k.npy", p.k);
+        ws.save("v.npy", p.v);
+        ws.save_mask("mask.npy", *p.mask);
+        std::ofstream(ws.path("out.npy")) << "sentinel";
+        files = "--q " + ws.path("q.npy") + " --k " + ws.path("k.npy") + " --v " + ws.path("v.npy") + " --mask " +
+                ws.path("mask.npy") + " --out " + ws.path("out.npy");
+    }
+    bool out_untouched() const { return slurp(ws.path("out.npy")) == "sentinel"; }
+};
+
+}  // namespace
+
+TEST_CASE("attend run: multi-query with a mask and causal, against the reference") {
+    CliProblem c;
+    auto r = c.ws.attend("run " + c.files + " --causal");
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+    c.p.options.causal = true;
+    auto out = npy::read(c.ws.path("out.npy"));
+    CHECK(out.shape == std::vector<int64_t>{2, 4, 30, 64});
+    auto result = compare(std::vector<float>(out.f32(), out.f32() + out.numel()), c.p.expected());
+    CHECK(result.not_finite == 0);
+    CHECK(result.max_error <= fp32_tolerance(c.p));
+}
+
+TEST_CASE("attend run: dropout with a seed equals the library call") {
+    CliProblem c;
+    REQUIRE(c.ws.attend("run " + c.files + " --dropout 0.25 --seed 77 --scale 0.2").status == 0);
+    auto out = npy::read(c.ws.path("out.npy"));
+    c.p.options.training = true;
+    c.p.options.dropout = 0.25f;
+    c.p.options.seed = 77;
+    c.p.options.scale = 0.2f;
+    c.p.run();
+    CHECK(std::vector<float>(out.f32(), out.f32() + out.numel()) == c.p.out.dense());
+}
+
+TEST_CASE("attend run: bad input exits 2 with a message, OUT.npy untouched") {
+    CliProblem c;
+    struct Bad {
+        std::string args, message;
+    };
+    std::ofstream(c.ws.path("truncated.npy"), std::ios::binary) << std::string("\x93NUMPY\x01\x00\x10\x00{'descr'", 17);
+    c.ws.save("k_wrong_d.npy", random_tensor({2, 40, 32}, 5));
+    std::vector<Bad> cases = {
+        {"run " + c.files + " --q " + c.ws.path("missing.npy"), "missing.npy"},
+        {"run " + c.files + " --k " + c.ws.path("truncated.npy"), "truncated.npy"},
+        {"run " + c.files + " --k " + c.ws.path("k_wrong_d.npy"), "k: head dim is 32"},
+        {"run " + c.files + " --mask " + c.ws.path("q.npy"), "mask: expected 2 dims"},
+        {"run " + c.files + " --dropout 2", "options.dropout"},
+        {"run " + c.files + " --device cuda", "--device"},
+        {"run " + c.files + " --isa sse9", "--isa"},
+        {"run " + c.files + " --scale abc", "--scale"},
+    };
+    for (const auto &bad : cases) {
+        INFO(bad.args);
+        auto r = c.ws.attend(bad.args);
+        INFO("stderr: " << r.err);
+        CHECK(r.status == 2);
+        CHECK(r.err.find(bad.message) != std::string::npos);
+        CHECK(std::count(r.err.begin(), r.err.end(), '\n') <= 2);  // one line (CLI11 may add a hint line)
+        CHECK(c.out_untouched());
+    }
+}
+
+TEST_CASE("attend bench --json: the last line is a JSON object with ms and gflops") {
+    Workspace ws;
+    auto r = ws.attend("bench --b 1 --h 2 --n 64 --m 80 --d 32 --causal --mask --repeats 3 --json");
+    REQUIRE(r.status == 0);
+    auto last = r.out.substr(r.out.rfind('\n', r.out.size() - 2) + 1);
+    auto j = nlohmann::json::parse(last);
+    CHECK(j["ms"].get<double>() > 0);
+    CHECK(j["gflops"].get<double>() > 0);
+    CHECK(j["kernel"] == "attend_cpu_d32");
+    CHECK(ws.attend("bench --n 0").status == 2);
+}

@@ -1,0 +1,64 @@
+// Golden files from the original PyTorch module (tests/golden/make_golden.py):
+// every kernel and ISA reproduces its outputs.
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "npy.hpp"
+#include "support.hpp"
+
+using namespace attend;
+using namespace attend::test;
+
+namespace {
+
+Tensor<float> tensor_from(const npy::Array &a) {
+    auto t = make_tensor<float>(a.shape, float32_type());
+    std::copy(a.f32(), a.f32() + a.numel(), t.storage.begin());
+    return t;
+}
+
+}  // namespace
+
+TEST_CASE("outputs of the original module (golden files)") {
+    const std::string dir = ATTEND_GOLDEN_DIR;
+    std::ifstream file(dir + "/cases.json");
+    REQUIRE(file.good());
+    auto cases = nlohmann::json::parse(file)["cases"];
+    REQUIRE(cases.size() >= 12);
+    for (const auto &c : cases) {
+        const std::string name = c["name"], folder = dir + "/" + name;
+        INFO("golden case " << name << ": " << c["description"].get<std::string>());
+        Problem p;
+        p.q = tensor_from(npy::read(folder + "/q.npy"));
+        p.k = tensor_from(npy::read(folder + "/k.npy"));
+        p.v = tensor_from(npy::read(folder + "/v.npy"));
+        auto golden = npy::read(folder + "/out.npy");
+        bool multi_query = p.k.shape.size() == 3;
+        p.shape = reference::Shape{p.q.shape[0], p.q.shape[1], multi_query ? 0 : p.k.shape[1], p.q.shape[2],
+                                   p.k.shape[p.k.shape.size() - 2], p.q.shape[3], p.v.shape.back()};
+        if (c["has_mask"].get<bool>()) {
+            auto m = npy::read(folder + "/mask.npy");
+            REQUIRE(m.dtype == npy::DType::Bool);
+            p.mask = make_tensor<uint8_t>(m.shape, bool_type());
+            std::copy(m.data.begin(), m.data.end(), p.mask->storage.begin());
+        }
+        p.options.causal = c["causal"].get<bool>();
+        // Both the module and the kernel are fp32 computations within the bound of the exact result.
+        const double tolerance = 2 * fp32_tolerance(p);
+        for (const auto &k : available_kernels()) {
+            if (k.head_dim != 0 && !(k.head_dim == p.shape.d && k.head_dim == p.shape.dv)) continue;
+            for (CpuIsa isa : supported_cpu_isas()) {
+                INFO(k.name << "/" << to_string(isa));
+                p.out = nan_tensor(golden.shape);
+                p.options.kernel = k.name;
+                p.options.cpu_isa = isa;
+                p.run();
+                std::vector<double> expected(golden.f32(), golden.f32() + golden.numel());
+                auto result = compare(p.out.dense(), expected);
+                CHECK(result.not_finite == 0);
+                CHECK(result.max_error <= tolerance);
+            }
+        }
+    }
+}

@@ -1,0 +1,253 @@
+// Every kernel of the build, on every CPU instruction set this machine has,
+// against the double-precision oracle.
+#include <map>
+
+#include "support.hpp"
+
+using namespace attend;
+using namespace attend::test;
+
+namespace {
+
+// The kernels that can run head dim d (d == dv), each with each CPU ISA.
+struct Variant {
+    std::string kernel;
+    CpuIsa isa;
+};
+
+std::vector<Variant> variants_for(int64_t d, int64_t dv) {
+    std::vector<Variant> out;
+    for (const auto &k : available_kernels()) {
+        if (k.head_dim != 0 && !(k.head_dim == d && k.head_dim == dv)) continue;
+        for (CpuIsa isa : supported_cpu_isas()) out.push_back({k.name, isa});
+    }
+    return out;
+}
+
+std::string describe(const Variant &v) { return v.kernel + "/" + to_string(v.isa); }
+
+// Runs the problem on every variant that can take it.
+void check_all_variants(const ProblemSpec &spec, Options options = {}) {
+    auto problem = make_problem(spec, options);
+    auto expected = problem.expected();
+    auto variants = variants_for(spec.d, spec.dv);
+    REQUIRE(!variants.empty());
+    for (const auto &v : variants) {
+        INFO(describe(v) << " b=" << spec.b << " h=" << spec.h << " kv_heads=" << spec.kv_heads << " n=" << spec.n
+                         << " m=" << spec.m << " d=" << spec.d << " dv=" << spec.dv << " mask=" << spec.mask
+                         << " causal=" << options.causal);
+        auto p = make_problem(spec, options);
+        p.options.kernel = v.kernel;
+        p.options.cpu_isa = v.isa;
+        check_against_reference(p, expected);
+    }
+}
+
+const int64_t kSizes[] = {1, 2, 7, 63, 65, 257, 1000};
+
+}  // namespace
+
+TEST_CASE("the build has a specialised kernel for the common head dims and a generic one") {
+    std::map<int, std::string> by_dim;
+    for (const auto &k : available_kernels()) by_dim[k.head_dim] = k.name;
+    for (int d : {32, 64, 80, 128}) CHECK(by_dim.count(d) == 1);
+    CHECK(by_dim.count(0) == 1);
+}
+
+TEST_CASE("select_kernel prefers the specialised kernel and falls back to the generic one") {
+    Features none;
+    CHECK(select_kernel(Device::CPU, DType::Float32, 64, 64, none)->name == "attend_cpu_d64");
+    CHECK(select_kernel(Device::Auto, DType::Float32, 128, 128, none)->head_dim == 128);
+    CHECK(select_kernel(Device::CPU, DType::Float32, 64, 32, none)->head_dim == 0);
+    CHECK(select_kernel(Device::CPU, DType::Float32, 17, 17, none)->head_dim == 0);
+    std::string why;
+    CHECK_FALSE(select_kernel(Device::CPU, DType::Float32, 0, 64, none, &why));
+    CHECK(why.find("positive") != std::string::npos);
+}
+
+TEST_CASE("sizes that are not multiples of any tile, every kernel, every ISA") {
+    for (int64_t d : {16, 32, 64, 80, 128}) {
+        for (int64_t n : kSizes) {
+            for (int64_t m : kSizes) {
+                // The largest pairs only at one head dim per size class, to bound the oracle's time.
+                if (n * m >= 257 * 1000 && d != 64) continue;
+                ProblemSpec spec;
+                spec.h = 2;
+                spec.n = n;
+                spec.m = m;
+                spec.d = spec.dv = d;
+                spec.seed = uint32_t(n * 131 + m * 7 + d);
+                check_all_variants(spec);
+            }
+        }
+    }
+}
+
+TEST_CASE("padding mask, causal, and both") {
+    for (int64_t d : {32, 64, 80, 128}) {
+        for (auto [n, m] : {std::pair<int64_t, int64_t>{65, 65}, {257, 257}, {63, 200}, {200, 63}, {1, 300}}) {
+            ProblemSpec spec;
+            spec.b = 2;
+            spec.h = 2;
+            spec.n = n;
+            spec.m = m;
+            spec.d = spec.dv = d;
+            spec.mask = true;
+            check_all_variants(spec);  // mask
+            Options causal;
+            causal.causal = true;
+            check_all_variants(spec, causal);  // mask + causal
+            spec.mask = false;
+            check_all_variants(spec, causal);  // causal
+        }
+    }
+}
+
+TEST_CASE("a caller-given scale") {
+    ProblemSpec spec;
+    spec.h = 2;
+    spec.n = 65;
+    spec.m = 130;
+    spec.d = spec.dv = 64;
+    Options options;
+    options.scale = 0.37f;
+    check_all_variants(spec, options);
+    options.scale = -2.0f;
+    check_all_variants(spec, options);
+}
+
+TEST_CASE("multi-query and grouped-query k/v") {
+    for (int64_t kv_heads : {0, 1, 2, 4}) {
+        ProblemSpec spec;
+        spec.b = 2;
+        spec.h = 4;
+        spec.kv_heads = kv_heads;
+        spec.n = 70;
+        spec.m = 90;
+        spec.d = spec.dv = 64;
+        spec.mask = true;
+        Options causal;
+        causal.causal = true;
+        check_all_variants(spec, causal);
+    }
+}
+
+TEST_CASE("multi-query and grouped-query equal the same computation with k/v expanded per head") {
+    for (int64_t kv_heads : {0, 2}) {
+        ProblemSpec spec;
+        spec.b = 2;
+        spec.h = 4;
+        spec.kv_heads = kv_heads;
+        spec.n = 33;
+        spec.m = 150;
+        spec.d = spec.dv = 32;
+        auto shared = make_problem(spec);
+        // The same k/v copied for each head.
+        auto expanded = make_problem(spec);
+        int64_t group = kv_heads == 0 ? spec.h : spec.h / kv_heads;
+        expanded.k = make_tensor<float>({spec.b, spec.h, spec.m, spec.d}, float32_type());
+        expanded.v = make_tensor<float>({spec.b, spec.h, spec.m, spec.dv}, float32_type());
+        for (int64_t b = 0; b < spec.b; b++)
+            for (int64_t h = 0; h < spec.h; h++)
+                for (int64_t j = 0; j < spec.m; j++)
+                    for (int64_t c = 0; c < spec.d; c++) {
+                        float kx = kv_heads == 0 ? shared.k.at({b, j, c}) : shared.k.at({b, h / group, j, c});
+                        float vx = kv_heads == 0 ? shared.v.at({b, j, c}) : shared.v.at({b, h / group, j, c});
+                        expanded.k.at({b, h, j, c}) = kx;
+                        expanded.v.at({b, h, j, c}) = vx;
+                    }
+        shared.run();
+        expanded.run();
+        CHECK(shared.out.dense() == expanded.out.dense());
+    }
+}
+
+TEST_CASE("dv different from d runs on the generic kernel") {
+    for (auto [d, dv] : {std::pair<int64_t, int64_t>{64, 32}, {16, 96}, {8, 12}, {80, 64}}) {
+        ProblemSpec spec;
+        spec.b = 2;
+        spec.h = 2;
+        spec.kv_heads = 0;
+        spec.n = 45;
+        spec.m = 77;
+        spec.d = d;
+        spec.dv = dv;
+        spec.mask = true;
+        Options causal;
+        causal.causal = true;
+        check_all_variants(spec, causal);
+        CHECK(select_kernel(Device::CPU, DType::Float32, d, dv, {})->head_dim == 0);
+    }
+}
+
+TEST_CASE("strided layouts: [b, n, h, d] memory viewed as [b, h, n, d], and strided k/v") {
+    for (int64_t d : {32, 64}) {
+        ProblemSpec spec;
+        spec.b = 2;
+        spec.h = 3;
+        spec.n = 50;
+        spec.m = 70;
+        spec.d = spec.dv = d;
+        spec.q_order = {0, 2, 1, 3};
+        spec.out_order = {0, 2, 1, 3};
+        spec.kv_order = {0, 2, 1, 3};
+        spec.mask = true;
+        check_all_variants(spec);
+        // k and v with their head dim outermost in memory: not dense, so copied.
+        spec.kv_order = {3, 0, 1, 2};
+        Options causal;
+        causal.causal = true;
+        check_all_variants(spec, causal);
+    }
+}
+
+TEST_CASE("rows whose keys are all masked get the mean of v, as the original module") {
+    ProblemSpec spec;
+    spec.b = 2;
+    spec.h = 2;
+    spec.kv_heads = 2;
+    spec.n = 100;
+    spec.m = 150;
+    spec.d = spec.dv = 64;
+    spec.mask = true;
+    for (bool causal : {false, true}) {
+        Options options;
+        options.causal = causal;
+        auto p = make_problem(spec, options);
+        // Batch 1: every key masked. Batch 0: the first 40 keys masked, so with
+        // causal the first 40 rows see only masked keys.
+        for (int64_t j = 0; j < spec.m; j++) {
+            p.mask->at({1, j}) = 0;
+            p.mask->at({0, j}) = j >= 40;
+        }
+        auto expected = p.expected();
+        check_against_reference(p, expected);
+        auto out = p.out.dense();
+        for (int64_t b = 0; b < spec.b; b++) {
+            int64_t fully_masked_rows = b == 1 ? spec.n : causal ? 40 : 0;
+            for (int64_t h = 0; h < spec.h; h++) {
+                for (int64_t i = 0; i < fully_masked_rows; i++) {
+                    for (int64_t c = 0; c < spec.dv; c++) {
+                        double mean = 0;
+                        for (int64_t j = 0; j < spec.m; j++) mean += p.v.at({b, h, j, c});
+                        mean /= double(spec.m);
+                        double got = out[size_t(((b * spec.h + h) * spec.n + i) * spec.dv + c)];
+                        REQUIRE(std::fabs(got - mean) <= fp32_tolerance(p));
+                    }
+                }
+            }
+        }
+    }
+}
+
+TEST_CASE("empty batch, heads, rows or value dim are a no-op") {
+    for (auto [b, h, n] : {std::tuple<int64_t, int64_t, int64_t>{0, 2, 5}, {1, 0, 5}, {1, 2, 0}}) {
+        ProblemSpec spec;
+        spec.b = b;
+        spec.h = h;
+        spec.n = n;
+        spec.m = 9;
+        auto p = make_problem(spec);
+        CHECK_NOTHROW(p.run());
+    }
+}
