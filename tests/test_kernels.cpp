@@ -223,6 +223,7 @@ TEST_CASE("rows whose keys are all masked get the mean of v, as the original mod
         auto expected = p.expected();
         check_against_reference(p, expected);
         auto out = p.out.dense();
+        const double tolerance = fp32_tolerance(p);
         for (int64_t b = 0; b < spec.b; b++) {
             int64_t fully_masked_rows = b == 1 ? spec.n : causal ? 40 : 0;
             for (int64_t h = 0; h < spec.h; h++) {
@@ -232,7 +233,7 @@ TEST_CASE("rows whose keys are all masked get the mean of v, as the original mod
                         for (int64_t j = 0; j < spec.m; j++) mean += p.v.at({b, h, j, c});
                         mean /= double(spec.m);
                         double got = out[size_t(((b * spec.h + h) * spec.n + i) * spec.dv + c)];
-                        REQUIRE(std::fabs(got - mean) <= fp32_tolerance(p));
+                        REQUIRE(std::fabs(got - mean) <= tolerance);
                     }
                 }
             }
