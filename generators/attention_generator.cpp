@@ -69,6 +69,9 @@ public:
     Input<float> keep_scale{"keep_scale"};             // 1 / (1 - p), 0 when p = 1
     Input<uint32_t> seed_lo{"seed_lo"};
     Input<uint32_t> seed_hi{"seed_hi"};
+    // Causal with a mask: rows below this may have every key masked (the runtime
+    // computes it from the mask), so their tiles visit every key block.
+    Input<int32_t> all_keys_rows{"all_keys_rows"};
 
     Output<Buffer<float, 4>> out{"out"};
 
@@ -84,7 +87,7 @@ public:
 private:
     Var c{"c"}, i{"i"}, ii{"ii"}, io{"io"}, jj{"jj"}, kb{"kb"}, hq{"hq"}, bb{"bb"};
     Func q_scaled{"q_scaled"}, score{"score"}, block_max{"block_max"}, weight{"weight"},
-        block_sum{"block_sum"}, block_out{"block_out"}, state{"state"}, first_unmasked{"first_unmasked"};
+        block_sum{"block_sum"}, block_out{"block_out"}, state{"state"};
     Func masked_score{"masked_score"};
     RDom rc, rj, blocks;
 
@@ -134,16 +137,17 @@ private:
         block_out(ii, c, kb, io, hq, bb) = 0.0f;
         block_out(ii, c, kb, io, hq, bb) += kept_weight(ii, rj, kb, io, hq, bb) * v(c, key_r, kv_head, bb);
 
-        // Causal: blocks wholly above the diagonal of a tile are skipped, unless
-        // the tile holds a fully masked row (it needs every key, for the uniform weights).
-        RDom rm(0, select(has_mask && causal, M, 0), "rm");
-        first_unmasked(bb) = M;
-        first_unmasked(bb) = min(first_unmasked(bb), select(mask(rm, bb) != 0, rm, M));
+        // Causal: key blocks wholly above the diagonal of a tile are skipped, except
+        // in tiles that hold a fully masked row (it needs every key, for the
+        // uniform weights): rows below all_keys_rows, which the runtime computes
+        // from the mask. The conditions are scalars so that Halide turns the
+        // predicate into the loop bound (a condition on loaded data would be
+        // relaxed to "every block").
         Expr num_blocks = (M + BK - 1) / BK;
         Expr below_diagonal = min(num_blocks, (io * TQ + TQ - 1) / BK + 1);
-        Expr needs_all = !causal || (has_mask && io * TQ < first_unmasked(bb));
+        Expr skip = causal && io * TQ >= all_keys_rows;
         blocks = RDom(0, num_blocks, "blocks");
-        blocks.where(blocks < select(needs_all, num_blocks, below_diagonal));
+        blocks.where(blocks < select(skip, below_diagonal, num_blocks));
 
         // The online-softmax merge of one block into the running (max, sum, out) state.
         Expr mb = block_max(ii, blocks, io, hq, bb);
@@ -208,6 +212,7 @@ private:
         keep_scale.set_estimate(1.0f);
         seed_lo.set_estimate(0);
         seed_hi.set_estimate(0);
+        all_keys_rows.set_estimate(0);
     }
 
     // CPU: one task per (tile of query rows, head, batch); inside it the blocks of
@@ -225,7 +230,6 @@ private:
             .parallel(task);
         if (!generic()) out.unroll(c);
 
-        first_unmasked.compute_root();
         q_scaled.compute_at(out, task).vectorize(ii, VW);
 
         state.compute_at(out, task);
