@@ -51,7 +51,7 @@ public:
     // block, SIMD width (0: the target's natural width), and the register tiles
     // of the two matrix products, in vectors of rows by columns.
     GeneratorParam<int> query_tile{"query_tile", 32};
-    GeneratorParam<int> key_block{"key_block", 128};
+    GeneratorParam<int> key_block{"key_block", 64};
     GeneratorParam<int> vector_width{"vector_width", 0};
     GeneratorParam<int> score_row_vectors{"score_row_vectors", 2};
     GeneratorParam<int> score_cols{"score_cols", 4};
@@ -241,15 +241,15 @@ private:
             state.update().reorder(ii, blocks).vectorize(ii, VW);
         }
 
-        // Scores of the block: register tiles of score_row_vectors x score_cols.
-        Func scores = score.in();
-        scores.compute_at(state, blocks)
+        // Scores of the block, masks applied as each register tile of
+        // score_row_vectors x score_cols is stored.
+        masked_score.compute_at(state, blocks)
             .tile(ii, jj, iio, jo, iii, ji, VW * score_row_vectors, score_cols)
             .vectorize(iii, VW)
             .unroll(iii)
             .unroll(ji)
             .store_in(MemoryType::Stack);
-        score.compute_at(scores, iio).vectorize(ii, VW).unroll(ii).unroll(jj);
+        score.compute_at(masked_score, iio).vectorize(ii, VW).unroll(ii).unroll(jj);
         score.update().reorder(ii, jj, rc).vectorize(ii, VW).unroll(ii).unroll(jj);
 
         block_max.compute_at(state, blocks).vectorize(ii, VW);
