@@ -221,7 +221,7 @@ private:
     void schedule_cpu() {
         const int VW = vector_width > 0 ? int(vector_width) : natural_vector_size<float>();
         const int TQ = query_tile;
-        Var task("task"), iio("iio"), iii("iii"), co("co"), ci("ci"), jo("jo"), ji("ji");
+        Var task("task");
 
         out.split(i, io, ii, TQ, TailStrategy::GuardWithIf)
             .reorder(c, ii, io, hq, bb)
@@ -241,16 +241,22 @@ private:
             state.update().reorder(ii, blocks).vectorize(ii, VW);
         }
 
-        // Scores of the block, masks applied as each register tile of
-        // score_row_vectors x score_cols is stored.
-        masked_score.compute_at(state, blocks)
-            .tile(ii, jj, iio, jo, iii, ji, VW * score_row_vectors, score_cols)
-            .vectorize(iii, VW)
-            .unroll(iii)
-            .unroll(ji)
-            .store_in(MemoryType::Stack);
-        score.compute_at(masked_score, iio).vectorize(ii, VW).unroll(ii).unroll(jj);
-        score.update().reorder(ii, jj, rc).vectorize(ii, VW).unroll(ii).unroll(jj);
+        // A matrix product of the block in register tiles: `block` is computed
+        // per key block, `sum` (its reduction over r) per tile of row_vectors
+        // SIMD vectors of rows by `cols` columns, kept in registers.
+        auto register_tiled = [&](Func block, Func sum, Var col, RVar r, int row_vectors, int cols) {
+            Var rows_outer("rows_outer"), rows_inner("rows_inner"), cols_outer("cols_outer"), cols_inner("cols_inner");
+            block.compute_at(state, blocks)
+                .tile(ii, col, rows_outer, cols_outer, rows_inner, cols_inner, VW * row_vectors, cols)
+                .vectorize(rows_inner, VW)
+                .unroll(rows_inner)
+                .unroll(cols_inner)
+                .store_in(MemoryType::Stack);
+            sum.compute_at(block, rows_outer).vectorize(ii, VW).unroll(ii).unroll(col);
+            sum.update().reorder(ii, col, r).vectorize(ii, VW).unroll(ii).unroll(col);
+        };
+        // Scores, the masks applied as each register tile is stored.
+        register_tiled(masked_score, score, jj, rc, score_row_vectors, score_cols);
 
         block_max.compute_at(state, blocks).vectorize(ii, VW);
         block_max.update().reorder(ii, rj).vectorize(ii, VW);
@@ -258,21 +264,12 @@ private:
         block_sum.compute_at(state, blocks).vectorize(ii, VW);
         block_sum.update().reorder(ii, rj).vectorize(ii, VW);
 
-        // P.V: register tiles of pv_row_vectors x pv_cols.
-        Func products = block_out.in();
-        products.compute_at(state, blocks)
-            .tile(ii, c, iio, co, iii, ci, VW * pv_row_vectors, pv_cols)
-            .vectorize(iii, VW)
-            .unroll(iii)
-            .unroll(ci)
-            .store_in(MemoryType::Stack);
-        block_out.compute_at(products, iio).vectorize(ii, VW).unroll(ii).unroll(c);
-        block_out.update().reorder(ii, c, rj).vectorize(ii, VW).unroll(ii).unroll(c);
+        // Weights times v.
+        register_tiled(block_out.in(), block_out, c, rj, pv_row_vectors, pv_cols);
 
         // Dropout costs a hash per weight: only the path with it on pays.
         out.specialize(drop_threshold == u32(0));
     }
-
 };
 
 }  // namespace
