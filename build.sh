@@ -68,6 +68,7 @@ case "${1:-build}" in
     test) "$VENV/bin/ctest" --test-dir "$BUILD" --output-on-failure -j "$(nproc)" ;;
     bench)
         shift
-        "$BUILD/bench/attend_bench" --benchmark_repetitions=5 --benchmark_report_aggregates_only=true "$@" ;;
+        "$BUILD/bench/attend_bench" --benchmark_repetitions=5 --benchmark_enable_random_interleaving=true \
+            --benchmark_report_aggregates_only=true "$@" ;;
     *) echo "usage: $0 [build|demo|test|bench]" >&2; exit 2 ;;
 esac

@@ -50,12 +50,12 @@ public:
     // Schedule knobs (CPU): rows per tile (one task of the parallel loop), keys per
     // block, SIMD width (0: the target's natural width), and the register tiles
     // of the two matrix products, in vectors of rows by columns.
-    GeneratorParam<int> query_tile{"query_tile", 32};
+    GeneratorParam<int> query_tile{"query_tile", 48};
     GeneratorParam<int> key_block{"key_block", 64};
     GeneratorParam<int> vector_width{"vector_width", 0};
-    GeneratorParam<int> score_row_vectors{"score_row_vectors", 2};
+    GeneratorParam<int> score_row_vectors{"score_row_vectors", 3};
     GeneratorParam<int> score_cols{"score_cols", 4};
-    GeneratorParam<int> pv_row_vectors{"pv_row_vectors", 2};
+    GeneratorParam<int> pv_row_vectors{"pv_row_vectors", 3};
     GeneratorParam<int> pv_cols{"pv_cols", 4};
 
     Input<Buffer<float, 4>> q{"q"};
