@@ -18,26 +18,17 @@ Usage:
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-# tests/golden -> repository root -> its sibling shared/ folder
-DEFAULT_SEED = HERE.parent.parent.parent / "shared" / "seed" / "000_edd5e010b2cbceaa.txt"
+sys.path.insert(0, str(HERE.parent.parent / "tools"))
+from seed_module import DEFAULT_SEED, load_attend  # noqa: E402
+
 DEFAULT_OUT = HERE / "data"
-
-
-def load_attend(seed_path: Path):
-    """Extract the code between the first ``` line and the next ``` line, exec it."""
-    lines = Path(seed_path).read_text(encoding="utf-8").splitlines()
-    start = next(i for i, l in enumerate(lines) if l.strip().startswith("```"))
-    end = next(i for i in range(start + 1, len(lines)) if lines[i].strip().startswith("```"))
-    code = "\n".join(lines[start + 1:end]) + "\n"
-    ns = {"__name__": "seed_attend"}
-    exec(compile(code, str(seed_path), "exec"), ns)
-    return ns["Attend"]
 
 
 def key_mask(b, m, false_at):

@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Attend next to what users would call instead, measured in one run.
+
+For each shape: Attend (through `attend bench --json`), PyTorch's
+scaled_dot_product_attention, and the seed module's own math path (exec'd from
+../shared/seed, small shapes only: it needs n*m memory), all fp32 on the CPU
+with the same thread count, plus this machine's FMA peak from fma_peak.
+
+Prints a table (GFLOP/s, ratio to SDPA, fraction of the peak), writes the
+figures as JSON and a PNG plot of GFLOP/s against n.
+
+    python3 -m venv .venv-bench && .venv-bench/bin/pip install -r bench/requirements.txt
+    .venv-bench/bin/python bench/compare_torch.py [--repeats 7] [--quick]
+
+GFLOP/s count 4*b*h*n*m*d, halved for causal. Times are medians.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", default=str(REPO / "build"), help="Attend build folder")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every implementation")
+    ap.add_argument("--repeats", type=int, default=7, help="timed calls per implementation and shape")
+    ap.add_argument("--quick", action="store_true", help="only n=m in {64, 256, 1024}")
+    ap.add_argument("--seed-math-max-n", type=int, default=1024, help="largest n for the seed's math path")
+    ap.add_argument("--json", default=str(REPO / "bench" / "results" / "compare_torch.json"))
+    ap.add_argument("--plot", default=str(REPO / "bench" / "results" / "compare_torch.png"))
+    return ap.parse_args()
+
+
+def shapes(quick):
+    """(name, b, h, n, d, causal, mask, multi_query): naturalspeech2-like, b*h = 16."""
+    sizes = [64, 256, 1024] if quick else [64, 256, 1024, 4096]
+    out = []
+    for n in sizes:
+        for d in (64, 128):
+            for causal in (False, True):
+                out.append(dict(b=2, h=8, n=n, d=d, causal=causal, mask=False, mq=False))
+    out.append(dict(b=2, h=8, n=1024, d=64, causal=False, mask=True, mq=False))
+    out.append(dict(b=2, h=8, n=1024, d=64, causal=False, mask=False, mq=True))
+    return out
+
+
+def flops(s):
+    return 4.0 * s["b"] * s["h"] * s["n"] * s["n"] * s["d"] * (0.5 if s["causal"] else 1.0)
+
+
+def label(s):
+    extra = "".join([" causal" if s["causal"] else "", " mask" if s["mask"] else "", " mq" if s["mq"] else ""])
+    return f"n={s['n']} d={s['d']}{extra}"
+
+
+def fma_peak(build, threads):
+    exe = Path(build) / "bench" / "fma_peak"
+    if not exe.exists():
+        return None
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    fields = subprocess.run([str(exe)], capture_output=True, text=True, env=env, check=True).stdout.split()
+    return float(fields[2])
+
+
+def attend_ms(build, s, repeats, threads):
+    cmd = [str(Path(build) / "bin" / "attend"), "bench", "--b", str(s["b"]), "--h", str(s["h"]), "--n", str(s["n"]),
+           "--m", str(s["n"]), "--d", str(s["d"]), "--repeats", str(repeats), "--json"]
+    cmd += ["--causal"] if s["causal"] else []
+    cmd += ["--mask"] if s["mask"] else []
+    cmd += ["--kv-heads", "0"] if s["mq"] else []
+    env = dict(os.environ, HL_NUM_THREADS=str(threads))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["median_ms"]
+
+
+def median_ms(call, repeats):
+    call()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def torch_inputs(torch, s):
+    g = torch.Generator().manual_seed(0)
+    b, h, n, d = s["b"], s["h"], s["n"], s["d"]
+    q = torch.randn(b, h, n, d, generator=g)
+    kv_shape = (b, n, d) if s["mq"] else (b, h, n, d)
+    k, v = torch.randn(*kv_shape, generator=g), torch.randn(*kv_shape, generator=g)
+    mask = None
+    if s["mask"]:
+        mask = torch.ones(b, n, dtype=torch.bool)
+        mask[:, n * 9 // 10:] = False  # the last 10 % of keys padded, as `attend bench --mask`
+    return q, k, v, mask
+
+
+def sdpa_ms(torch, s, repeats):
+    import torch.nn.functional as F
+    q, k, v, mask = torch_inputs(torch, s)
+    if s["mq"]:  # SDPA needs k/v per head: what a user would pass (a broadcast view)
+        k, v = k[:, None].expand(-1, s["h"], -1, -1), v[:, None].expand(-1, s["h"], -1, -1)
+    attn_mask = mask[:, None, None, :] if mask is not None else None
+    with torch.no_grad():
+        return median_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=s["causal"]),
+                         repeats)
+
+
+def seed_math_ms(torch, attend_class, s, repeats):
+    q, k, v, mask = torch_inputs(torch, s)
+    module = attend_class(dropout=0.0, causal=s["causal"], use_flash=False).eval()
+    with torch.no_grad():
+        return median_ms(lambda: module(q, k, v, mask=mask), repeats)
+
+
+def main():
+    args = parse_args()
+    import torch
+    torch.set_num_threads(args.threads)
+    from seed_module import load_attend
+    attend_class = load_attend()
+    peak = fma_peak(args.build, args.threads)
+    print(f"threads {args.threads}; torch {torch.__version__} (cpu capability {torch.backends.cpu.get_cpu_capability()});"
+          f" FMA peak {peak if peak else 'unavailable'} GFLOP/s")
+    header = f"{'shape':<28}{'Attend':>9}{'SDPA':>9}{'seed math':>11}{'Attend/SDPA':>13}{'of peak':>9}"
+    print(header + "\n" + "-" * len(header))
+    rows = []
+    for s in shapes(args.quick):
+        gf = flops(s) / 1e6
+        attend = gf / attend_ms(args.build, s, args.repeats, args.threads)
+        sdpa = gf / sdpa_ms(torch, s, args.repeats)
+        seed = gf / seed_math_ms(torch, attend_class, s, min(args.repeats, 3)) if s["n"] <= args.seed_math_max_n else None
+        row = dict(s, attend_gflops=attend, sdpa_gflops=sdpa, seed_math_gflops=seed, ratio_to_sdpa=attend / sdpa,
+                   fraction_of_peak=attend / peak if peak else None)
+        rows.append(row)
+        print(f"{label(s):<28}{attend:>9.1f}{sdpa:>9.1f}{(f'{seed:.1f}' if seed else '-'):>11}{attend / sdpa:>12.2f}x"
+              f"{(f'{attend / peak:.0%}' if peak else '-'):>9}", flush=True)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(dict(threads=args.threads, fma_peak_gflops=peak, torch=torch.__version__,
+                                               rows=rows), indent=1))
+    plot(rows, peak, args.plot)
+    print(f"wrote {args.json} and {args.plot}")
+
+
+def plot(rows, peak, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, d in zip(axes, (64, 128)):
+        for impl, key, style in (("Attend", "attend_gflops", "o"), ("PyTorch SDPA", "sdpa_gflops", "s"),
+                                 ("seed math path", "seed_math_gflops", "^")):
+            for causal in (False, True):
+                pts = [(r["n"], r[key]) for r in rows
+                       if r["d"] == d and r["causal"] == causal and not r["mask"] and not r["mq"] and r[key]]
+                if pts:
+                    ax.plot(*zip(*pts), style, linestyle="--" if causal else "-",
+                            label=f"{impl}{' causal' if causal else ''}")
+        if peak:
+            ax.axhline(peak, color="gray", linewidth=1)
+            ax.text(64, peak * 0.97, "FMA peak", va="top", fontsize=8, color="gray")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("n = m")
+        ax.set_title(f"fp32, b=2, h=8, d={d}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("GFLOP/s")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
