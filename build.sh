@@ -4,7 +4,8 @@
 # then:
 #   ./build.sh demo    run `attend demo`: every kernel against the double-precision
 #                      reference on a naturalspeech2-like batch, with its speed
-#   ./build.sh test    run the whole test suite (ctest)
+#   ./build.sh test    run the whole test suite (ctest), then again with the runtime,
+#                      CLI and tests built under AddressSanitizer + UBSan (build-sanitize/)
 #   ./build.sh bench   run the CPU benchmark (GFLOP/s and fraction of the FMA peak)
 #   ./build.sh         just build
 # Every step is idempotent: a second run installs nothing and rebuilds only what changed.
@@ -46,26 +47,39 @@ install_python_tools() {
     fi
 }
 
+# build DIR [cmake options...]: configure once, then build what changed.
 build() {
-    if [ ! -f "$BUILD/build.ninja" ]; then
+    local dir="$1"
+    shift
+    if [ ! -f "$dir/build.ninja" ]; then
         local halide_dir
         halide_dir="$("$VENV/bin/python" -c 'import halide; print(halide.install_dir())')/lib64/cmake/Halide"
-        say "configuring $BUILD"
-        "$VENV/bin/cmake" -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-            -DCMAKE_MAKE_PROGRAM="$VENV/bin/ninja" -DHalide_DIR="$halide_dir"
+        say "configuring $dir"
+        "$VENV/bin/cmake" -S "$ROOT" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+            -DCMAKE_MAKE_PROGRAM="$VENV/bin/ninja" -DHalide_DIR="$halide_dir" "$@"
     fi
-    say "building (the kernels take a few minutes the first time)"
-    "$VENV/bin/cmake" --build "$BUILD"
+    say "building $dir (the kernels take a few minutes the first time)"
+    "$VENV/bin/cmake" --build "$dir"
+}
+
+run_tests() {
+    "$VENV/bin/ctest" --test-dir "$BUILD" --output-on-failure -j "$(nproc)"
+    # The same suite with the project's own code under ASan + UBSan. The consumer
+    # example links the installed library without sanitizers, so it runs above only.
+    local sanitize="$ROOT/build-sanitize"
+    build "$sanitize" -DATTEND_SANITIZE=address,undefined -DATTEND_BUILD_BENCH=OFF
+    say "test suite under AddressSanitizer + UndefinedBehaviorSanitizer"
+    "$VENV/bin/ctest" --test-dir "$sanitize" --output-on-failure -j "$(nproc)" -E install_and_consume
 }
 
 install_debian_packages
 install_python_tools
-build
+build "$BUILD"
 
 case "${1:-build}" in
     build) say "built: $BUILD/bin/attend, $BUILD/runtime/libattend.so" ;;
     demo) "$BUILD/bin/attend" demo ;;
-    test) "$VENV/bin/ctest" --test-dir "$BUILD" --output-on-failure -j "$(nproc)" ;;
+    test) run_tests ;;
     bench)
         shift
         "$BUILD/bench/attend_bench" --benchmark_repetitions=5 --benchmark_enable_random_interleaving=true \
