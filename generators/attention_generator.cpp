@@ -119,7 +119,8 @@ private:
         block_max(ii, kb, io, hq, bb) = -FLT_MAX;
         block_max(ii, kb, io, hq, bb) = max(block_max(ii, kb, io, hq, bb), masked_score(ii, rj, kb, io, hq, bb));
         // Keys past the end weigh 0 (unlike masked keys, which weigh 1 in a fully masked row).
-        weight(ii, jj, kb, io, hq, bb) = select(key < M, exp2_nonpositive(masked_score(ii, jj, kb, io, hq, bb) - block_max(ii, kb, io, hq, bb)), 0.0f);
+        Expr shifted = masked_score(ii, jj, kb, io, hq, bb) - block_max(ii, kb, io, hq, bb);
+        weight(ii, jj, kb, io, hq, bb) = select(key < M, exp2_nonpositive(shifted), 0.0f);
 
         block_sum(ii, kb, io, hq, bb) = 0.0f;
         block_sum(ii, kb, io, hq, bb) += weight(ii, rj, kb, io, hq, bb);
@@ -127,9 +128,9 @@ private:
         // Dropout zeroes weights after the softmax: the sum above keeps them all.
         auto lit = [](uint32_t x) { return u32(x); };
         Expr head_key = attend::dropout::head_key<Expr>(seed_lo, seed_hi, cast<uint32_t>(bb), cast<uint32_t>(hq), lit);
+        Expr row_key = attend::dropout::row_key<Expr>(head_key, cast<uint32_t>(row), lit);
         Expr kept = drop_threshold == u32(0) ||
-                    attend::dropout::uniform24<Expr>(attend::dropout::row_key<Expr>(head_key, cast<uint32_t>(row), lit),
-                                             cast<uint32_t>(key), lit) >= drop_threshold;
+                    attend::dropout::uniform24<Expr>(row_key, cast<uint32_t>(key), lit) >= drop_threshold;
         Func kept_weight("kept_weight");
         kept_weight(ii, jj, kb, io, hq, bb) = select(kept, weight(ii, jj, kb, io, hq, bb), 0.0f);
 
