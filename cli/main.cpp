@@ -87,7 +87,7 @@ DLTensor dense_dl(void *data, std::vector<int64_t> &shape, DLDataType dtype) {
 // ---- attend run ---------------------------------------------------------------
 
 struct RunArgs {
-    std::string q, k, v, out, mask, device = "cpu", kernel, isa = "auto";
+    std::string q, k, v, out, mask, device = "cpu", kernel, isa = "auto", causal_align = "top-left";
     bool causal = false;
     std::optional<float> scale, dropout;
     uint64_t seed = 0;
@@ -112,6 +112,10 @@ int run_command(const RunArgs &a) {
 
     Options options;
     options.causal = a.causal;
+    if (a.causal_align != "top-left" && a.causal_align != "bottom-right") {
+        throw BadInput("--causal-align: expected top-left or bottom-right, got '" + a.causal_align + "'");
+    }
+    options.causal_align = a.causal_align == "bottom-right" ? CausalAlign::BottomRight : CausalAlign::TopLeft;
     options.scale = a.scale;
     options.kernel = a.kernel;
     options.cpu_isa = parse_isa(a.isa);
@@ -301,7 +305,9 @@ int main(int argc, char **argv) {
     run_cmd->add_option("--v", run.v, "values, like k with last dim dv")->required();
     run_cmd->add_option("--out", run.out, "output [b, h, n, dv], written only on success")->required();
     run_cmd->add_option("--mask", run.mask, "key padding mask, bool [b, m], true = attend");
-    run_cmd->add_flag("--causal", run.causal, "mask key j for query i when j > i");
+    run_cmd->add_flag("--causal", run.causal, "mask key j for query i when j > i (see --causal-align)");
+    run_cmd->add_option("--causal-align", run.causal_align,
+                        "top-left (default: j > i masked) or bottom-right (j > i + m - n masked: decoding)");
     run_cmd->add_option("--scale", run.scale, "score scale (default d^-0.5)");
     run_cmd->add_option("--dropout", run.dropout, "training-mode dropout probability p in [0, 1]");
     run_cmd->add_option("--seed", run.seed, "dropout seed");

@@ -69,8 +69,11 @@ public:
     Input<float> keep_scale{"keep_scale"};             // 1 / (1 - p), 0 when p = 1
     Input<uint32_t> seed_lo{"seed_lo"};
     Input<uint32_t> seed_hi{"seed_hi"};
-    // Causal with a mask: rows below this may have every key masked (the runtime
-    // computes it from the mask), so their tiles visit every key block.
+    // Causal masks key j for query i when j > i + causal_offset (0: top-left,
+    // m - n: bottom-right).
+    Input<int32_t> causal_offset{"causal_offset"};
+    // Causal: rows below this may have every key masked (the runtime computes it
+    // from the mask and the offset), so their tiles visit every key block.
     Input<int32_t> all_keys_rows{"all_keys_rows"};
 
     Output<Buffer<float, 4>> out{"out"};
@@ -112,7 +115,7 @@ private:
 
         // Masked scores are -FLT_MAX, exactly as the seed's masked_fill: a fully
         // masked row gets uniform weights over all keys.
-        Expr allowed = (!has_mask || mask(key_in, bb) != 0) && (!causal || key <= row);
+        Expr allowed = (!has_mask || mask(key_in, bb) != 0) && (!causal || key <= row + causal_offset);
         masked_score(ii, jj, kb, io, hq, bb) = select(allowed, score(ii, jj, kb, io, hq, bb), -FLT_MAX);
 
         rj = RDom(0, BK, "rj");
@@ -145,7 +148,7 @@ private:
         // predicate into the loop bound (a condition on loaded data would be
         // relaxed to "every block").
         Expr num_blocks = (M + BK - 1) / BK;
-        Expr below_diagonal = min(num_blocks, (io * TQ + TQ - 1) / BK + 1);
+        Expr below_diagonal = clamp((io * TQ + TQ - 1 + causal_offset) / BK + 1, 0, num_blocks);
         Expr skip = causal && io * TQ >= all_keys_rows;
         blocks = RDom(0, num_blocks, "blocks");
         blocks.where(blocks < select(skip, below_diagonal, num_blocks));
@@ -213,6 +216,7 @@ private:
         keep_scale.set_estimate(1.0f);
         seed_lo.set_estimate(0);
         seed_hi.set_estimate(0);
+        causal_offset.set_estimate(0);
         all_keys_rows.set_estimate(0);
     }
 

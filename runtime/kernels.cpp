@@ -11,7 +11,7 @@
 #define ATTEND_KERNEL_PARAMS                                                                                    \
     (const void *user_context, halide_buffer_t *q, halide_buffer_t *k, halide_buffer_t *v, halide_buffer_t *mask, \
      float scale, bool causal, bool has_mask, uint32_t drop_threshold, float keep_scale, uint32_t seed_lo,      \
-     uint32_t seed_hi, int32_t all_keys_rows, halide_buffer_t *out)
+     uint32_t seed_hi, int32_t causal_offset, int32_t all_keys_rows, halide_buffer_t *out)
 #include "attend_kernels.inc"  // generated: kernel headers, per-target functions, ATTEND_KERNEL_TABLE
 #include "internal.hpp"
 
@@ -240,18 +240,19 @@ void run(const Problem &p, const Options &options) {
         mask.shape[1] = p.m;
         mask.strides[0] = mask.strides[1] = 0;
     }
-    // Causal with a mask: rows whose keys up to the diagonal are all masked (i below
-    // a batch's first unmasked key) need every key block; the others skip blocks
-    // above the diagonal.
-    int64_t all_keys_rows = 0;
+    // Causal: rows whose keys up to the diagonal are all masked (i + offset below a
+    // batch's first unmasked key, or below 0) get uniform weights over every key,
+    // so their tiles visit every key block; the others skip blocks above the diagonal.
+    int64_t first_unmasked = 0;
     if (p.features.causal && p.features.mask) {
         const auto *bytes = static_cast<const uint8_t *>(p.mask.data);
         for (int64_t b = 0; b < p.b; b++) {
             int64_t first = 0;
             while (first < p.m && bytes[b * p.mask.strides[0] + first * p.mask.strides[1]] == 0) first++;
-            all_keys_rows = std::max(all_keys_rows, std::min(first, p.n));
+            first_unmasked = std::max(first_unmasked, first);
         }
     }
+    const int64_t all_keys_rows = std::clamp(first_unmasked - p.causal_offset, int64_t(0), p.n);
     const halide_type_t f32(halide_type_float, 32), u8(halide_type_uint, 8);
     KernelBuffer q_buf(p.q, f32), k_buf(k, f32), v_buf(v, f32), mask_buf(mask, u8), out_buf(p.out, f32);
 
@@ -264,7 +265,8 @@ void run(const Problem &p, const Options &options) {
     CallContext call;
     int status = function(&call, &q_buf.buffer, &k_buf.buffer, &v_buf.buffer, &mask_buf.buffer, p.scale,
                             p.features.causal, p.features.mask, p.drop_threshold, p.keep_scale, uint32_t(p.seed),
-                            uint32_t(p.seed >> 32), int32_t(all_keys_rows), &out_buf.buffer);
+                            uint32_t(p.seed >> 32), int32_t(p.causal_offset), int32_t(all_keys_rows),
+                            &out_buf.buffer);
     if (status != 0) {
         throw Error(std::string("attend: kernel ") + kernel->name + " failed (Halide error " +
                     std::to_string(status) + "): " + (call.errors.empty() ? "no message" : call.errors));

@@ -18,6 +18,7 @@ std::vector<double> forward(const Shape &s, const float *q, const float *k, cons
     const bool dropout = options.training && options.dropout > 0.0f;
     const uint32_t threshold = dropout ? dropout::threshold_for(options.dropout) : 0;
     const double keep_scale = options.dropout < 1.0f ? 1.0 / (1.0 - double(options.dropout)) : 0.0;
+    const int64_t causal_offset = options.causal_align == CausalAlign::BottomRight ? s.m - s.n : 0;
 
     std::vector<double> out(size_t(s.b * s.h * s.n * s.dv), 0.0), score(size_t(s.m));
     for (int64_t b = 0; b < s.b; b++) {
@@ -31,7 +32,7 @@ std::vector<double> forward(const Shape &s, const float *q, const float *k, cons
                 for (int64_t j = 0; j < s.m; j++) {
                     double dot = 0.0;
                     for (int64_t c = 0; c < s.d; c++) dot += double(qi[c]) * double(kb[j * s.d + c]);
-                    bool masked = (mask && !mask[b * s.m + j]) || (options.causal && j > i);
+                    bool masked = (mask && !mask[b * s.m + j]) || (options.causal && j > i + causal_offset);
                     score[j] = masked ? -double(FLT_MAX) : dot * scale;  // the seed's masked_fill
                     max_score = std::max(max_score, score[j]);
                 }

@@ -170,6 +170,9 @@ void check_options(const Options &options) {
         s << "options.scale: expected a finite number, got " << *options.scale;
         fail(s.str());
     }
+    if (options.causal_align != CausalAlign::TopLeft && options.causal_align != CausalAlign::BottomRight) {
+        fail("options.causal_align: unknown alignment " + std::to_string(int(options.causal_align)));
+    }
     if (options.device != Device::Auto && options.device != Device::CPU) {
         fail("options.device: unknown device " + std::to_string(int(options.device)));
     }
@@ -299,6 +302,7 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
     p.drop_threshold = dropout ? attend::dropout::threshold_for(options.dropout) : 0;
     p.keep_scale = !dropout ? 1.0f : options.dropout < 1.0f ? float(1.0 / (1.0 - double(options.dropout))) : 0.0f;
     p.features = Features{mask.present, options.causal, p.drop_threshold > 0};
+    p.causal_offset = options.causal_align == CausalAlign::BottomRight ? p.m - p.n : 0;
     return p;
 }
 

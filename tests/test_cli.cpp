@@ -110,6 +110,16 @@ TEST_CASE("attend run: multi-query with a mask and causal, against the reference
     CHECK(result.max_error <= fp32_tolerance(c.p));
 }
 
+TEST_CASE("attend run: --causal-align bottom-right equals the library call") {
+    CliProblem c;
+    REQUIRE(c.ws.attend("run " + c.files + " --causal --causal-align bottom-right").status == 0);
+    auto out = npy::read(c.ws.path("out.npy"));
+    c.p.options.causal = true;
+    c.p.options.causal_align = CausalAlign::BottomRight;
+    c.p.run();
+    CHECK(std::vector<float>(out.f32(), out.f32() + out.numel()) == c.p.out.dense());
+}
+
 TEST_CASE("attend run: dropout with a seed equals the library call") {
     CliProblem c;
     REQUIRE(c.ws.attend("run " + c.files + " --dropout 0.25 --seed 77 --scale 0.2").status == 0);
@@ -138,6 +148,7 @@ TEST_CASE("attend run: bad input exits 2 with a message, OUT.npy untouched") {
         {"run " + c.files + " --device cuda", "--device"},
         {"run " + c.files + " --isa sse9", "--isa"},
         {"run " + c.files + " --scale abc", "--scale"},
+        {"run " + c.files + " --causal --causal-align middle", "--causal-align"},
     };
     for (const auto &bad : cases) {
         INFO(bad.args);

@@ -103,6 +103,53 @@ TEST_CASE("padding mask, causal, and both") {
     }
 }
 
+TEST_CASE("bottom-right causal alignment (decoding with a KV cache), with and without a mask") {
+    for (auto [n, m] : {std::pair<int64_t, int64_t>{1, 300}, {7, 130}, {63, 200}, {65, 65}, {200, 63}, {100, 1}}) {
+        for (bool mask : {false, true}) {
+            ProblemSpec spec;
+            spec.b = 2;
+            spec.h = 2;
+            spec.kv_heads = 2;
+            spec.n = n;
+            spec.m = m;
+            spec.d = spec.dv = 64;
+            spec.mask = mask;
+            Options options;
+            options.causal = true;
+            options.causal_align = CausalAlign::BottomRight;
+            check_all_variants(spec, options);
+        }
+    }
+}
+
+TEST_CASE("bottom-right causal: row i sees keys up to i + m - n, rows before the cache see every key uniformly") {
+    // n > m: the first n - m rows have no visible key, so (as fully masked rows) they get the mean of v.
+    ProblemSpec spec;
+    spec.n = 10;
+    spec.m = 4;
+    spec.d = spec.dv = 32;
+    Options options;
+    options.causal = true;
+    options.causal_align = CausalAlign::BottomRight;
+    auto p = make_problem(spec, options);
+    p.run();
+    auto out = p.out.dense();
+    const double tolerance = fp32_tolerance(p);
+    for (int64_t c = 0; c < spec.dv; c++) {
+        double mean = 0;
+        for (int64_t j = 0; j < spec.m; j++) mean += p.v.at({0, 0, j, c}) / double(spec.m);
+        for (int64_t i = 0; i < spec.n - spec.m; i++) CHECK(std::fabs(out[size_t(i * spec.dv + c)] - mean) <= tolerance);
+        // The last row sees every key: the same as no causal mask at all.
+    }
+    auto full = make_problem(spec);
+    full.run();
+    auto unmasked = full.out.dense();
+    for (int64_t c = 0; c < spec.dv; c++) {
+        size_t last = size_t((spec.n - 1) * spec.dv + c);
+        CHECK(out[last] == doctest::Approx(unmasked[last]).epsilon(1e-6));
+    }
+}
+
 TEST_CASE("a caller-given scale") {
     ProblemSpec spec;
     spec.h = 2;

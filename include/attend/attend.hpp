@@ -51,10 +51,16 @@ enum class DType { Float32 };
 // use them to run every CPU path of the build on one machine).
 enum class CpuIsa { Auto, AVX512, AVX2, Baseline };
 
+// Where the causal diagonal sits when n != m. TopLeft (the seed's and PyTorch's
+// is_causal): key j is masked for query i when j > i. BottomRight (decoding with
+// a KV cache: n new queries after m - n cached keys): masked when j > i + m - n.
+enum class CausalAlign { TopLeft, BottomRight };
+
 struct Options {
     float dropout = 0.0f;          // probability p of zeroing a weight, in [0, 1]
     bool training = false;         // dropout applies only in training (nn.Dropout)
     bool causal = false;           // key j is masked for query i when j > i (top-left)
+    CausalAlign causal_align = CausalAlign::TopLeft;
     std::optional<float> scale;    // default: d^-0.5
     uint64_t seed = 0;             // dropout: the mask is a pure function of (seed, b, h, i, j)
     Device device = Device::Auto;  // Auto: where the tensors are
