@@ -1,7 +1,6 @@
 // The kernels of this build, the one function that chooses among them, and the
 // hook that turns Halide's runtime errors into exceptions.
 #include <algorithm>
-#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -61,6 +60,17 @@ bool fits(const KernelEntry &e, int64_t head_dim, int64_t value_dim) {
 
 KernelInfo info_of(const KernelEntry &e) { return KernelInfo{e.name, e.device, e.head_dim}; }
 
+// The function for a capped instruction set: the best target at or below the cap.
+// (Halide's multi-target wrapper picks a target on its first call and keeps it,
+// so a cap per call needs the per-target functions.)
+KernelFn function_for(const KernelEntry &e, CpuIsa cap) {
+    if (cap == CpuIsa::Auto) return e.dispatch;
+    for (int isa = int(cap); isa <= int(CpuIsa::Baseline); isa++) {
+        if (e.by_isa[isa]) return e.by_isa[isa];
+    }
+    return nullptr;
+}
+
 // ---- Halide runtime hooks ---------------------------------------------------
 
 // Each kernel call passes one of these as Halide's user_context, so an error
@@ -75,17 +85,6 @@ void on_halide_error(void *user_context, const char *message) {
         std::lock_guard<std::mutex> guard(call->lock);
         if (call->errors.size() < 4096) call->errors += message;
     }
-}
-
-// The function for a capped instruction set: the best target at or below the cap.
-// (Halide's multi-target wrapper picks a target on its first call and keeps it,
-// so a cap per call needs the per-target functions.)
-KernelFn function_for(const KernelEntry &e, CpuIsa cap) {
-    if (cap == CpuIsa::Auto) return e.dispatch;
-    for (int isa = int(cap); isa <= int(CpuIsa::Baseline); isa++) {
-        if (e.by_isa[isa]) return e.by_isa[isa];
-    }
-    return nullptr;
 }
 
 void install_halide_hooks() {
