@@ -144,7 +144,7 @@ private:
         // Causal: key blocks wholly above the diagonal of a tile are skipped, except
         // in tiles that hold a fully masked row (it needs every key, for the
         // uniform weights): rows below all_keys_rows, which the runtime computes
-        // from the mask. The conditions are scalars so that Halide turns the
+        // from the mask and causal_offset. The conditions are scalars so that Halide turns the
         // predicate into the loop bound (a condition on loaded data would be
         // relaxed to "every block").
         Expr num_blocks = (M + BK - 1) / BK;

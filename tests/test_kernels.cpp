@@ -139,8 +139,8 @@ TEST_CASE("bottom-right causal: row i sees keys up to i + m - n, rows before the
         double mean = 0;
         for (int64_t j = 0; j < spec.m; j++) mean += p.v.at({0, 0, j, c}) / double(spec.m);
         for (int64_t i = 0; i < spec.n - spec.m; i++) CHECK(std::fabs(out[size_t(i * spec.dv + c)] - mean) <= tolerance);
-        // The last row sees every key: the same as no causal mask at all.
     }
+    // The last row sees every key: the same as no causal mask at all.
     auto full = make_problem(spec);
     full.run();
     auto unmasked = full.out.dense();
