@@ -14,7 +14,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="$ROOT/.venv"
 BUILD="${ATTEND_BUILD_DIR:-$ROOT/build}"
-APT_PACKAGES=(g++ python3 python3-venv doctest-dev libdlpack-dev nlohmann-json3-dev libcli11-dev libbenchmark-dev)
+# pocl-opencl-icd: an OpenCL device on the CPU, so the GPU schedule is tested without a GPU.
+APT_PACKAGES=(g++ python3 python3-venv doctest-dev libdlpack-dev nlohmann-json3-dev libcli11-dev libbenchmark-dev
+              ocl-icd-opencl-dev pocl-opencl-icd)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 

@@ -93,12 +93,15 @@ struct RunArgs {
     uint64_t seed = 0;
 };
 
-void check_device(const std::string &device) {
-    if (device != "cpu") throw BadInput("--device: this build runs on cpu only, got '" + device + "'");
+Device parse_device(const std::string &name) {
+    for (Device device : {Device::CPU, Device::CUDA, Device::OpenCL}) {
+        if (name == to_string(device)) return device;
+    }
+    throw BadInput("--device: expected cpu, cuda or opencl, got '" + name + "'");
 }
 
 int run_command(const RunArgs &a) {
-    check_device(a.device);
+    const Device device = parse_device(a.device);
     auto q = npy::read(a.q), k = npy::read(a.k), v = npy::read(a.v);
     std::optional<npy::Array> mask;
     if (!a.mask.empty()) mask = npy::read(a.mask);
@@ -119,6 +122,7 @@ int run_command(const RunArgs &a) {
     options.scale = a.scale;
     options.kernel = a.kernel;
     options.cpu_isa = parse_isa(a.isa);
+    options.device = device;
     if (a.dropout) {
         options.training = true;  // --dropout asks for training-mode dropout
         options.dropout = *a.dropout;
@@ -136,12 +140,28 @@ int run_command(const RunArgs &a) {
 struct BenchArgs {
     int64_t b = 2, h = 8, n = 1024, m = 1024, d = 64, dv = -1, kv_heads = -1;
     bool causal = false, mask = false, json = false;
-    int repeats = 10;
+    int repeats = 10, key_splits = 0;
     std::string device = "cpu", kernel, isa = "auto";
 };
 
+// Device buffers for a GPU benchmark: the data is copied once, before timing.
+Halide::Runtime::Buffer<float> on_device(const std::vector<float> &host, const std::vector<int64_t> &shape,
+                                         Device device) {
+    std::vector<int> halide_shape(shape.rbegin(), shape.rend());  // Halide's dim 0 is innermost
+    Halide::Runtime::Buffer<float> buffer(halide_shape);
+    std::copy(host.begin(), host.end(), buffer.data());
+    buffer.set_host_dirty();
+    const halide_device_interface_t *interface = device_interface(device);
+    if (!interface) throw BadInput(std::string("--device: this build has no ") + to_string(device) + " kernels");
+    if (int status = buffer.copy_to_device(interface)) {
+        throw Error(std::string("attend bench: copying inputs to ") + to_string(device) + " failed (Halide error " +
+                    std::to_string(status) + ")");
+    }
+    return buffer;
+}
+
 int bench_command(const BenchArgs &a) {
-    check_device(a.device);
+    const Device device = parse_device(a.device);
     const int64_t dv = a.dv < 0 ? a.d : a.dv, kv_heads = a.kv_heads < 0 ? a.h : a.kv_heads;
     if (a.repeats < 1) throw BadInput("--repeats: expected at least 1");
     for (auto [name, value] : {std::pair{"--b", a.b}, {"--h", a.h}, {"--n", a.n}, {"--m", a.m}, {"--d", a.d}, {"--dv", dv}}) {
@@ -164,27 +184,49 @@ int bench_command(const BenchArgs &a) {
     std::vector<uint8_t> mask(count(mask_shape));
     for (size_t j = 0; j < mask.size(); j++) mask[j] = (j % size_t(a.m)) < size_t(a.m * 9 / 10) ? 1 : 0;
 
-    DLTensor dq = dense_dl(q.data(), q_shape, {kDLFloat, 32, 1}), dk = dense_dl(k.data(), k_shape, {kDLFloat, 32, 1}),
-             dv_ = dense_dl(v.data(), v_shape, {kDLFloat, 32, 1}),
-             dout = dense_dl(out.data(), out_shape, {kDLFloat, 32, 1}),
-             dmask = dense_dl(mask.data(), mask_shape, {6, 8, 1});
     Options options;
     options.causal = a.causal;
     options.kernel = a.kernel;
     options.cpu_isa = parse_isa(a.isa);
-    auto ms = time_calls([&] { forward(dq, dk, dv_, a.mask ? &dmask : nullptr, dout, options); }, a.repeats);
+    options.device = device;
+    options.key_splits = a.key_splits;
+    std::vector<double> ms;
+    if (device == Device::CPU) {
+        DLTensor dq = dense_dl(q.data(), q_shape, {kDLFloat, 32, 1}), dk = dense_dl(k.data(), k_shape, {kDLFloat, 32, 1}),
+                 dv_ = dense_dl(v.data(), v_shape, {kDLFloat, 32, 1}),
+                 dout = dense_dl(out.data(), out_shape, {kDLFloat, 32, 1}),
+                 dmask = dense_dl(mask.data(), mask_shape, {6, 8, 1});
+        ms = time_calls([&] { forward(dq, dk, dv_, a.mask ? &dmask : nullptr, dout, options); }, a.repeats);
+    } else {
+        // Inputs and output stay on the device; each timed call waits for the kernel.
+        auto gq = on_device(q, q_shape, device), gk = on_device(k, k_shape, device), gv = on_device(v, v_shape, device);
+        Halide::Runtime::Buffer<void> gout = on_device(out, out_shape, device);  // Buffer<void>: keeps its device state
+        Halide::Runtime::Buffer<uint8_t> gmask(int(a.m), int(a.b));
+        std::copy(mask.begin(), mask.end(), gmask.data());
+        gmask.set_host_dirty();
+        Halide::Runtime::Buffer<const void> no_mask;
+        ms = time_calls(
+            [&] {
+                forward(gq, gk, gv, a.mask ? Halide::Runtime::Buffer<const void>(gmask) : no_mask, gout, options);
+                if (int status = gout.device_sync()) {
+                    throw Error("attend bench: waiting for the kernel failed (Halide error " + std::to_string(status) + ")");
+                }
+            },
+            a.repeats);
+    }
     double best = *std::min_element(ms.begin(), ms.end()), med = median(ms);
     double flops = flop_count(a.b, a.h, a.n, a.m, a.d, dv, a.causal);
-    std::string kernel = a.kernel.empty() ? select_kernel(Device::CPU, DType::Float32, a.d, dv, {})->name : a.kernel;
+    std::string kernel = a.kernel.empty() ? select_kernel(device, DType::Float32, a.d, dv, {})->name : a.kernel;
     std::printf("%s isa=%s b=%lld h=%lld n=%lld m=%lld d=%lld dv=%lld%s%s: best %.3f ms, median %.3f ms, %.1f GFLOP/s\n",
                 kernel.c_str(), a.isa.c_str(), (long long)a.b, (long long)a.h, (long long)a.n, (long long)a.m,
                 (long long)a.d, (long long)dv, a.causal ? " causal" : "", a.mask ? " mask" : "", best, med,
                 flops / best / 1e6);
     if (a.json) {
-        nlohmann::json j{{"kernel", kernel}, {"isa", a.isa}, {"b", a.b}, {"h", a.h}, {"n", a.n}, {"m", a.m},
-                         {"d", a.d}, {"dv", dv}, {"kv_heads", kv_heads}, {"causal", a.causal}, {"mask", a.mask},
-                         {"ms", best}, {"median_ms", med}, {"gflops", flops / best / 1e6},
-                         {"median_gflops", flops / med / 1e6}, {"repeats", a.repeats}};
+        nlohmann::json j{{"kernel", kernel}, {"device", a.device}, {"isa", a.isa}, {"b", a.b}, {"h", a.h},
+                         {"n", a.n}, {"m", a.m}, {"d", a.d}, {"dv", dv}, {"kv_heads", kv_heads},
+                         {"causal", a.causal}, {"mask", a.mask}, {"ms", best}, {"median_ms", med},
+                         {"gflops", flops / best / 1e6}, {"median_gflops", flops / med / 1e6},
+                         {"repeats", a.repeats}};
         std::cout << j.dump() << std::endl;
     }
     return 0;
@@ -252,16 +294,27 @@ int demo_command() {
     const double flops = flop_count(b, h, n, m, d, d, true);
     const double parity = 2e-5;  // fp32 parity with the reference at this size (tests/support.hpp derives it)
 
-    std::printf("%-20s %-9s %12s %10s %12s\n", "kernel", "isa", "max |error|", "median ms", "GFLOP/s");
+    std::printf("%-28s %-9s %12s %10s %12s\n", "kernel", "isa", "max |error|", "median ms", "GFLOP/s");
     bool all_ok = true;
     for (const auto &kernel : available_kernels()) {
         if (kernel.head_dim != 0 && kernel.head_dim != d) continue;
-        for (CpuIsa isa : supported_cpu_isas()) {
+        std::vector<CpuIsa> isas{CpuIsa::Auto};
+        if (kernel.device == Device::CPU) isas = supported_cpu_isas();
+        for (CpuIsa isa : isas) {
             Options o = options;
             o.kernel = kernel.name;
             o.cpu_isa = isa;
+            o.device = kernel.device;
+            const char *isa_name = kernel.device == Device::CPU ? to_string(isa) : to_string(kernel.device);
             std::fill(out.begin(), out.end(), NAN);
-            auto ms = time_calls([&] { forward(dq, dk, dv, &dmask, dout, o); }, 5);
+            std::vector<double> ms;
+            try {
+                // The GPU runs copy the inputs in and the result out on every call.
+                ms = time_calls([&] { forward(dq, dk, dv, &dmask, dout, o); }, kernel.device == Device::CPU ? 5 : 2);
+            } catch (const attend::Error &e) {  // no such device here: say so and go on
+                std::printf("%-28s %-9s not run: %s\n", kernel.name.c_str(), isa_name, e.what());
+                continue;
+            }
             double max_error = 0;
             for (size_t e = 0; e < out.size(); e++) {
                 double err = std::fabs(double(out[e]) - expected[e]);
@@ -269,7 +322,7 @@ int demo_command() {
             }
             bool ok = max_error <= parity;
             all_ok = all_ok && ok;
-            std::printf("%-20s %-9s %12.2e %10.2f %12.1f%s%s\n", kernel.name.c_str(), to_string(isa), max_error,
+            std::printf("%-28s %-9s %12.2e %10.2f %12.1f%s%s\n", kernel.name.c_str(), isa_name, max_error,
                         median(ms), flops / median(ms) / 1e6, ok ? "" : "  ERROR ABOVE 2e-5",
                         kernel.name == selected && isa == CpuIsa::Auto ? "  <- what forward() picks here" : "");
         }
@@ -282,7 +335,7 @@ int demo_command() {
 int kernels_command() {
     std::printf("kernels of this build:\n");
     for (const auto &k : available_kernels()) {
-        std::printf("  %-20s %s, %s\n", k.name.c_str(), to_string(k.device),
+        std::printf("  %-28s %s, %s\n", k.name.c_str(), to_string(k.device),
                     k.head_dim ? ("d = dv = " + std::to_string(k.head_dim)).c_str() : "any d and dv");
     }
     std::printf("cpu instruction sets this machine can run:");
@@ -311,7 +364,7 @@ int main(int argc, char **argv) {
     run_cmd->add_option("--scale", run.scale, "score scale (default d^-0.5)");
     run_cmd->add_option("--dropout", run.dropout, "training-mode dropout probability p in [0, 1]");
     run_cmd->add_option("--seed", run.seed, "dropout seed");
-    run_cmd->add_option("--device", run.device, "cpu");
+    run_cmd->add_option("--device", run.device, "cpu, cuda or opencl (host .npy data is copied to the device)");
     run_cmd->add_option("--kernel", run.kernel, "force a kernel (see `attend kernels`)");
     run_cmd->add_option("--isa", run.isa, "cap the CPU instruction set: auto, avx512, avx2, baseline");
 
@@ -328,9 +381,10 @@ int main(int argc, char **argv) {
     bench_cmd->add_flag("--causal", bench.causal, "causal");
     bench_cmd->add_flag("--mask", bench.mask, "with a key padding mask (last 10% of keys masked)");
     bench_cmd->add_option("--repeats", bench.repeats, "timed calls after one warm-up");
-    bench_cmd->add_option("--device", bench.device, "cpu");
+    bench_cmd->add_option("--device", bench.device, "cpu, cuda or opencl (data kept on the device)");
     bench_cmd->add_option("--kernel", bench.kernel, "force a kernel");
     bench_cmd->add_option("--isa", bench.isa, "cap the CPU instruction set");
+    bench_cmd->add_option("--key-splits", bench.key_splits, "chunks of keys run in parallel (GPU); 0: automatic");
     bench_cmd->add_flag("--json", bench.json, "print a JSON object as the last line");
 
     auto *demo_cmd = app.add_subcommand("demo", "every kernel of this build on a naturalspeech2-like batch");
@@ -355,6 +409,9 @@ int main(int argc, char **argv) {
     } catch (const npy::Error &e) {
         std::fprintf(stderr, "attend: %s\n", e.what());
         return 2;
+    } catch (const attend::Error &e) {
+        std::fprintf(stderr, "%s\n", e.what());  // already says "attend: ..."
+        return 1;
     } catch (const std::exception &e) {
         std::fprintf(stderr, "attend: %s\n", e.what());
         return 1;

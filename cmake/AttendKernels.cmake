@@ -1,4 +1,4 @@
-# attend_add_kernel(<name> DEVICE <cpu> HEAD_DIM <n|0> TARGETS <halide targets...> [PARAMS <k=v>...])
+# attend_add_kernel(<name> DEVICE <cpu|cuda|opencl> HEAD_DIM <n|0> TARGETS <halide targets...> [PARAMS <k=v>...])
 #
 # Stamps out one kernel variant of the attention generator as a Halide library
 # that uses the project's one shared Halide runtime, and records it for the
@@ -10,13 +10,13 @@ set_property(GLOBAL PROPERTY ATTEND_KERNEL_LIBRARIES "")
 
 function(attend_add_kernel NAME)
     cmake_parse_arguments(PARSE_ARGV 1 ARG "" "DEVICE;HEAD_DIM" "TARGETS;PARAMS")
-    if (NOT ARG_DEVICE MATCHES "^(cpu)$")
-        message(FATAL_ERROR "attend_add_kernel(${NAME}): DEVICE must be cpu, got '${ARG_DEVICE}'")
+    if (NOT ARG_DEVICE MATCHES "^(cpu|cuda|opencl)$")
+        message(FATAL_ERROR "attend_add_kernel(${NAME}): DEVICE must be cpu, cuda or opencl, got '${ARG_DEVICE}'")
     endif ()
     # user_context: Halide errors reach the handler of the call that raised them.
     list(TRANSFORM ARG_TARGETS APPEND "-user_context")
     set(scheduler_args "")
-    if (ATTEND_AUTOSCHEDULER)
+    if (ATTEND_AUTOSCHEDULER AND ARG_DEVICE STREQUAL "cpu")
         set(scheduler_args AUTOSCHEDULER "Halide::${ATTEND_AUTOSCHEDULER}")
     endif ()
     add_halide_library(${NAME}
@@ -31,7 +31,10 @@ function(attend_add_kernel NAME)
     # instruction set (Options::cpu_isa): Halide's multi-target wrapper picks one
     # target on its first call and keeps it. Those functions are named
     # <name>-<target>-no_runtime, which C++ reaches through an asm label.
-    string(TOUPPER "${ARG_DEVICE}" device)
+    set(device_names cpu CPU cuda CUDA opencl OpenCL)
+    list(FIND device_names "${ARG_DEVICE}" at)
+    math(EXPR at "${at} + 1")
+    list(GET device_names ${at} device)
     list(LENGTH ARG_TARGETS target_count)
     set(declarations "")
     set(by_isa "")
@@ -43,7 +46,9 @@ function(attend_add_kernel NAME)
         else ()
             set(isa Baseline)
         endif ()
-        if (target_count EQUAL 1)
+        if (NOT ARG_DEVICE STREQUAL "cpu")
+            break ()  # a GPU kernel has one target and no instruction-set choice
+        elseif (target_count EQUAL 1)
             string(APPEND by_isa " ATTEND_ISA(${isa}, ${NAME})")
         else ()
             string(MAKE_C_IDENTIFIER "${NAME}_${target}" function)

@@ -58,6 +58,15 @@ public:
     GeneratorParam<int> pv_row_vectors{"pv_row_vectors", 3};
     GeneratorParam<int> pv_cols{"pv_cols", 4};
 
+    // Schedule knob (GPU targets; query_tile and key_block above set the tiles):
+    // true puts the rows of a tile on the lanes of one warp, so the per-row state
+    // lives in registers (CUDA only); false puts them on threads, the portable
+    // structure (OpenCL), whose block-level state lives in shared memory.
+    GeneratorParam<bool> gpu_lanes{"gpu_lanes", false};
+    // GPU: unroll factor of the loop over the head dim in the scores (loop
+    // overhead against register pressure).
+    GeneratorParam<int> gpu_unroll{"gpu_unroll", 1};
+
     Input<Buffer<float, 4>> q{"q"};
     Input<Buffer<float, 4>> k{"k"};
     Input<Buffer<float, 4>> v{"v"};
@@ -75,6 +84,10 @@ public:
     // Causal: rows below this may have every key masked (the runtime computes it
     // from the mask and the offset), so their tiles visit every key block.
     Input<int32_t> all_keys_rows{"all_keys_rows"};
+    // The key blocks are cut into this many chunks whose partial states are
+    // merged at the end (the same log-sum-exp merge): on a GPU the chunks run in
+    // parallel, which fills the device when there are few query tiles. 1: one pass.
+    Input<int32_t> key_splits{"key_splits"};
 
     Output<Buffer<float, 4>> out{"out"};
 
@@ -82,17 +95,20 @@ public:
         define_algorithm();
         if (using_autoscheduler()) {
             set_estimates();
+        } else if (get_target().has_gpu_feature()) {
+            schedule_gpu();
         } else {
             schedule_cpu();
         }
     }
 
 private:
-    Var c{"c"}, i{"i"}, ii{"ii"}, io{"io"}, jj{"jj"}, kb{"kb"}, hq{"hq"}, bb{"bb"};
+    Var c{"c"}, i{"i"}, ii{"ii"}, io{"io"}, jj{"jj"}, kb{"kb"}, hq{"hq"}, bb{"bb"}, split{"split"}, e{"e"};
     Func q_scaled{"q_scaled"}, score{"score"}, block_max{"block_max"}, weight{"weight"},
         block_sum{"block_sum"}, block_out{"block_out"}, state{"state"};
-    Func masked_score{"masked_score"};
-    RDom rc, rj, blocks;
+    Func masked_score{"masked_score"}, kept_weight{"kept_weight"}, k_block{"k_block"}, v_block{"v_block"};
+    Func partial{"partial"}, merged{"merged"};
+    RDom rc, rj, blocks, splits;
 
     bool generic() const { return head_dim == 0; }
 
@@ -109,9 +125,14 @@ private:
         // q transposed (rows innermost) and scaled once: scores come out in log2 units.
         q_scaled(ii, c, io, hq, bb) = q(c, min(row, N - 1), hq, bb) * (scale * float(M_LOG2E));
 
+        // The keys and values of block kb (the GPU stages them in shared memory; k
+        // transposed, keys innermost).
+        k_block(jj, c, kb, hq, bb) = k(c, key_in, kv_head, bb);
+        v_block(c, jj, kb, hq, bb) = v(c, key_in, kv_head, bb);
+
         rc = RDom(0, D, "rc");
         score(ii, jj, kb, io, hq, bb) = 0.0f;
-        score(ii, jj, kb, io, hq, bb) += q_scaled(ii, rc, io, hq, bb) * k(rc, key_in, kv_head, bb);
+        score(ii, jj, kb, io, hq, bb) += q_scaled(ii, rc, io, hq, bb) * k_block(jj, rc, kb, hq, bb);
 
         // Masked scores are -FLT_MAX, exactly as the seed's masked_fill: a fully
         // masked row gets uniform weights over all keys.
@@ -134,12 +155,10 @@ private:
         Expr row_key = attend::dropout::row_key<Expr>(head_key, cast<uint32_t>(row), lit);
         Expr kept = drop_threshold == u32(0) ||
                     attend::dropout::uniform24<Expr>(row_key, cast<uint32_t>(key), lit) >= drop_threshold;
-        Func kept_weight("kept_weight");
         kept_weight(ii, jj, kb, io, hq, bb) = select(kept, weight(ii, jj, kb, io, hq, bb), 0.0f);
 
-        Expr key_r = min(kb * BK + rj, M - 1);
         block_out(ii, c, kb, io, hq, bb) = 0.0f;
-        block_out(ii, c, kb, io, hq, bb) += kept_weight(ii, rj, kb, io, hq, bb) * v(c, key_r, kv_head, bb);
+        block_out(ii, c, kb, io, hq, bb) += kept_weight(ii, rj, kb, io, hq, bb) * v_block(c, rj, kb, hq, bb);
 
         // Causal: key blocks wholly above the diagonal of a tile are skipped, except
         // in tiles that hold a fully masked row (it needs every key, for the
@@ -150,41 +169,59 @@ private:
         Expr num_blocks = (M + BK - 1) / BK;
         Expr below_diagonal = clamp((io * TQ + TQ - 1 + causal_offset) / BK + 1, 0, num_blocks);
         Expr skip = causal && io * TQ >= all_keys_rows;
-        blocks = RDom(0, num_blocks, "blocks");
-        blocks.where(blocks < select(skip, below_diagonal, num_blocks));
+        // Chunk `split` of the key blocks: blocks is the position inside it.
+        Expr chunk = (num_blocks + key_splits - 1) / key_splits;
+        blocks = RDom(0, chunk, "blocks");
+        Expr block = split * chunk + blocks;
+        blocks.where(block < select(skip, below_diagonal, num_blocks));
 
-        // The online-softmax merge of one block into the running (max, sum, out) state.
-        Expr mb = block_max(ii, blocks, io, hq, bb);
-        Expr lb = block_sum(ii, blocks, io, hq, bb);
-        auto merge = [&](const Tuple &st, const std::vector<Expr> &block_outs) {
-            Expr m_new = max(st[0], mb);
+        // The online-softmax merge of a part (its max, sum and weighted sums of v)
+        // into a running (max, sum, out) state: per key block, and per chunk.
+        auto merge = [&](const Tuple &st, Expr part_max, Expr part_sum, const std::vector<Expr> &part_outs) {
+            Expr m_new = max(st[0], part_max);
             Expr old_factor = exp2_nonpositive(st[0] - m_new);
-            Expr block_factor = exp2_nonpositive(mb - m_new);
-            std::vector<Expr> next{m_new, st[1] * old_factor + lb * block_factor};
-            for (size_t e = 0; e < block_outs.size(); e++) {
-                next.push_back(st[2 + e] * old_factor + block_outs[e] * block_factor);
+            Expr part_factor = exp2_nonpositive(part_max - m_new);
+            std::vector<Expr> next{m_new, st[1] * old_factor + part_sum * part_factor};
+            for (size_t e = 0; e < part_outs.size(); e++) {
+                next.push_back(st[2 + e] * old_factor + part_outs[e] * part_factor);
             }
             return Tuple(next);
         };
+        Expr mb = block_max(ii, block, io, hq, bb);
+        Expr lb = block_sum(ii, block, io, hq, bb);
+        splits = RDom(0, key_splits, "splits");
 
         Expr in_tile = i % TQ, tile = i / TQ;
         if (generic()) {
             // One (max, sum, out) state per output column and row.
-            state(c, ii, io, hq, bb) = Tuple(-FLT_MAX, 0.0f, 0.0f);
-            state(c, ii, io, hq, bb) = merge(state(c, ii, io, hq, bb), {block_out(ii, c, blocks, io, hq, bb)});
-            Tuple st = state(c, in_tile, tile, hq, bb);
+            state(c, ii, split, io, hq, bb) = Tuple(-FLT_MAX, 0.0f, 0.0f);
+            state(c, ii, split, io, hq, bb) =
+                merge(state(c, ii, split, io, hq, bb), mb, lb, {block_out(ii, c, block, io, hq, bb)});
+            partial(e, c, ii, split, io, hq, bb) = mux(e, Tuple(state(c, ii, split, io, hq, bb)).as_vector());
+            auto part = [&](int element) { return partial(element, c, ii, splits, io, hq, bb); };
+            merged(c, ii, io, hq, bb) = Tuple(-FLT_MAX, 0.0f, 0.0f);
+            merged(c, ii, io, hq, bb) = merge(merged(c, ii, io, hq, bb), part(0), part(1), {part(2)});
+            Tuple st = merged(c, in_tile, tile, hq, bb);
             out(c, i, hq, bb) = st[2] / st[1] * keep_scale;
         } else {
             // One state per row: (max, sum, out_0 .. out_{dv-1}).
             const int DV = head_dim;
             std::vector<Expr> init(DV + 2, 0.0f), outs;
             init[0] = -FLT_MAX;
-            state(ii, io, hq, bb) = Tuple(init);
-            for (int e = 0; e < DV; e++) {
-                outs.push_back(block_out(ii, e, blocks, io, hq, bb));
+            state(ii, split, io, hq, bb) = Tuple(init);
+            for (int column = 0; column < DV; column++) {
+                outs.push_back(block_out(ii, column, block, io, hq, bb));
             }
-            state(ii, io, hq, bb) = merge(state(ii, io, hq, bb), outs);
-            Tuple st = state(in_tile, tile, hq, bb);
+            state(ii, split, io, hq, bb) = merge(state(ii, split, io, hq, bb), mb, lb, outs);
+            // A chunk's state as one buffer (element e innermost-but-one): a GPU
+            // passes it between its two kernels.
+            partial(e, ii, split, io, hq, bb) = mux(e, Tuple(state(ii, split, io, hq, bb)).as_vector());
+            auto part = [&](int element) { return partial(element, ii, splits, io, hq, bb); };
+            std::vector<Expr> part_outs;
+            for (int column = 0; column < DV; column++) part_outs.push_back(part(2 + column));
+            merged(ii, io, hq, bb) = Tuple(init);
+            merged(ii, io, hq, bb) = merge(merged(ii, io, hq, bb), part(0), part(1), part_outs);
+            Tuple st = merged(in_tile, tile, hq, bb);
             std::vector<Expr> columns(st.as_vector().begin() + 2, st.as_vector().end());
             out(c, i, hq, bb) = mux(c, columns) / st[1] * keep_scale;
         }
@@ -194,6 +231,9 @@ private:
         q.dim(0).set_stride(Expr());
         mask.dim(0).set_stride(Expr());
         out.dim(0).set_stride(Expr());
+        // Output rows start at 0, so a tile's lane is i % query_tile (the GPU
+        // schedule reads the state of its own lane, no shuffles).
+        out.dim(1).set_min(0);
         if (!generic()) {
             q.dim(0).set_bounds(0, int(head_dim));
             k.dim(0).set_bounds(0, int(head_dim));
@@ -218,6 +258,7 @@ private:
         seed_hi.set_estimate(0);
         causal_offset.set_estimate(0);
         all_keys_rows.set_estimate(0);
+        key_splits.set_estimate(1);
     }
 
     // CPU: one task per (tile of query rows, head, batch); inside it the blocks of
@@ -237,12 +278,14 @@ private:
 
         q_scaled.compute_at(out, task).vectorize(ii, VW);
 
-        state.compute_at(out, task);
+        // The chunks of keys (one unless the caller asks for more) run in turn.
+        merged.compute_at(out, task).vectorize(ii, VW);
+        state.compute_at(merged, splits).vectorize(ii, VW);
         if (generic()) {
-            state.vectorize(ii, VW);
+            merged.update().reorder(ii, c, splits).vectorize(ii, VW);
             state.update().reorder(ii, c, blocks).vectorize(ii, VW);
         } else {
-            state.vectorize(ii, VW);
+            merged.update().reorder(ii, splits).vectorize(ii, VW);
             state.update().reorder(ii, blocks).vectorize(ii, VW);
         }
 
@@ -274,6 +317,108 @@ private:
 
         // Dropout costs a hash per weight: only the path with it on pays.
         out.specialize(drop_threshold == u32(0));
+    }
+
+    // GPU: one thread block per tile of query rows of one (batch, head) and chunk
+    // of keys, one row per thread. The key blocks run in order at block level; each is staged in
+    // shared memory once by all threads (k transposed, so a row reads its keys
+    // with vector loads), then each thread computes its row's block partials in
+    // registers and merges them into the row's state. The staging loops are
+    // gpu_threads, which makes Halide put a barrier between staging and reading.
+    //
+    // Everything per block is computed inside the thread loop of the merge on
+    // purpose: Halide 21 gives block-level shared buffers a lifetime that ignores
+    // the loop over key blocks, so a buffer last read early in the loop body (q
+    // read by the scores) would share memory with one written later.
+    void schedule_gpu() {
+        _halide_user_assert(!generic()) << "GPU kernels need a head_dim (no generic GPU variant)";
+        const bool lanes = gpu_lanes;
+        _halide_user_assert(!lanes || get_target().has_feature(Target::CUDA))
+            << "gpu_lanes=true needs a CUDA target (OpenCL has no gpu_lanes)";
+        const int TQ = query_tile, BK = key_block, D = head_dim;
+        // q, the staged k and v blocks, and on threads the state, per thread block.
+        const int shared_bytes = int(sizeof(float)) * (TQ * D + 2 * BK * D + (lanes ? 0 : TQ * (D + 2)));
+        _halide_user_assert(shared_bytes <= 48 * 1024)
+            << "this GPU variant needs " << shared_bytes << " bytes of shared memory per block at head_dim " << D
+            << "; CUDA launches at most 48 KiB without opting in: use a smaller query_tile or key_block";
+        auto rows_on_threads = [&](auto &&stage) {
+            if (lanes) {
+                stage.gpu_lanes(ii);
+            } else {
+                stage.gpu_threads(ii);
+            }
+        };
+        // Staging a block: the fused loop over its elements is spread over the TQ threads.
+        auto stage_block = [&](Func f, Var inner, Var outer) {
+            Var t("t"), to("to"), ti("ti");
+            f.compute_at(state, blocks)
+                .store_in(MemoryType::GPUShared)
+                .reorder(inner, outer)
+                .fuse(inner, outer, t)
+                .split(t, to, ti, TQ, TailStrategy::GuardWithIf)
+                .gpu_threads(ti);
+        };
+
+        // Kernel 1: one thread block per (chunk of keys, tile of query rows, head,
+        // batch); it leaves its rows' states in global memory.
+        Var hb("hb");
+        partial.compute_root()
+            .bound(e, 0, D + 2)
+            .bound(ii, 0, TQ)
+            .reorder_storage(ii, e, split, io, hq, bb)  // coalesced: the rows of a tile side by side
+            .reorder(e, ii, split, io, hq, bb)
+            .unroll(e)
+            .fuse(hq, bb, hb)
+            .gpu_blocks(split, io, hb);
+        rows_on_threads(partial);
+
+        // q of the tile, transposed (rows innermost: no bank conflicts).
+        q_scaled.compute_at(partial, split).store_in(MemoryType::GPUShared).reorder(c, ii);
+        rows_on_threads(q_scaled);
+
+        // The state of the tile's rows: on lanes, registers striped across the
+        // warp; on threads, shared memory.
+        const MemoryType per_row = lanes ? MemoryType::Register : MemoryType::GPUShared;
+        state.compute_at(partial, split).store_in(per_row);
+        for (Var v : {split, io, hq, bb}) state.bound_extent(v, 1);
+        rows_on_threads(state);
+        state.update().reorder(ii, blocks);
+        rows_on_threads(state.update());
+
+        // Kernel 2: per tile of rows, the chunks' states merged in order.
+        Func result = out;
+        result.split(i, io, ii, TQ, TailStrategy::GuardWithIf).reorder(c, ii, io, hq, bb).gpu_blocks(io, hq, bb);
+        rows_on_threads(result);
+        result.unroll(c);
+        merged.compute_at(out, io).store_in(per_row).bound_storage(io, 1);
+        rows_on_threads(merged);
+        merged.update().reorder(ii, splits);
+        rows_on_threads(merged.update());
+
+        // Global reads coalesced: consecutive threads read consecutive elements of a key.
+        stage_block(k_block, c, jj);
+        stage_block(v_block, c, jj);
+
+        // One row's partials of one block, in registers.
+        for (Func f : {masked_score, weight}) {
+            f.compute_at(state, ii).store_in(MemoryType::Register).unroll(jj);
+        }
+        score.compute_at(state, ii).store_in(MemoryType::Register).unroll(jj);
+        score.update().reorder(jj, rc).vectorize(jj, 4).unroll(jj);
+        if (gpu_unroll > 1) {
+            RVar rc_outer("rc_outer"), rc_inner("rc_inner");
+            score.update().split(rc, rc_outer, rc_inner, gpu_unroll).unroll(rc_inner);
+        }
+        for (Func reduction : {block_max, block_sum}) {
+            reduction.compute_at(state, ii).store_in(MemoryType::Register);
+            reduction.update().unroll(rj);
+        }
+        block_out.compute_at(state, ii).store_in(MemoryType::Register).unroll(c);
+        block_out.update().reorder(c, rj).vectorize(c, 4).unroll(c).unroll(rj);
+        // One key block each (Halide cannot see it through the chunk arithmetic).
+        for (Func f : {score, masked_score, weight, block_max, block_sum, block_out}) f.bound_extent(kb, 1);
+
+        partial.specialize(drop_threshold == u32(0));
     }
 };
 

@@ -27,9 +27,6 @@ void forward(const Halide::Runtime::Buffer<const void> &q, const Halide::Runtime
                                     view_of("v", *v.raw_buffer()), mask_view, view_of("out", *out.raw_buffer()),
                                     options);
     detail::run(problem, options);
-    // The result is on the host now: a device copy of out is stale.
-    auto *out_buffer = const_cast<halide_buffer_t *>(out.raw_buffer());
-    if (out_buffer->device_interface) out_buffer->set_host_dirty(true);
 }
 
 }  // namespace attend

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 #include "attend/attend.hpp"
@@ -18,6 +19,7 @@ struct TensorView {
     DLDataType dtype{};
     DLDevice device{kDLCPU, 0};
     bool on_device_only = false;  // a Halide buffer whose current data is on a device
+    const halide_buffer_t *halide = nullptr;  // the caller's Halide buffer (its device state travels along)
     int ndim = 0;
     int64_t shape[4] = {};
     int64_t strides[4] = {};
@@ -30,7 +32,8 @@ TensorView view_of(const char *name, const halide_buffer_t &b);
 struct Problem {
     int64_t b = 0, h = 0, kv_heads = 0, n = 0, m = 0, d = 0, dv = 0;
     TensorView q, k, v, mask, out;  // k, v always 4-D here ([b, 1, m, d] for multi-query)
-    Device device = Device::CPU;
+    Device device = Device::CPU;  // where the kernel runs
+    int device_id = 0;            // CUDA: the GPU of the tensors (0 for host tensors)
     Features features;
     float scale = 1.0f;
     uint32_t drop_threshold = 0;  // weights whose 24-bit uniform is below it are dropped
@@ -46,5 +49,25 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
 
 // Runs the selected kernel; throws attend::Error when it fails.
 void run(const Problem &problem, const Options &options);
+
+// Passed to every kernel as Halide's user_context: errors raised on any thread of
+// the call are collected here (instead of Halide's abort()), and the CUDA hooks
+// read the call's device and stream from it.
+struct CallContext {
+    std::mutex lock;
+    std::string errors;
+    int cuda_device = 0;
+    void *cuda_stream = nullptr;
+};
+
+// CUDA: loads the driver (libcuda.so.1) and checks that `device` exists, once per
+// process and device; throws attend::Error saying what is missing. Also installs
+// the hooks that make Halide use the caller's current context (else the
+// device's primary context, as the CUDA runtime API does) and the call's stream.
+void prepare_cuda(int device);
+
+// Halide's device interface of a device of this build (null if none), without
+// preparing anything: to recognise where a caller's Halide buffer lives.
+const halide_device_interface_t *halide_interface(Device device);
 
 }  // namespace attend::detail

@@ -5,12 +5,14 @@
 #include <vector>
 
 #include <HalideRuntime.h>
+#include <HalideRuntimeCuda.h>
+#include <HalideRuntimeOpenCL.h>
 
 // Every generated kernel has this signature (the generator's inputs in order).
 #define ATTEND_KERNEL_PARAMS                                                                                    \
     (const void *user_context, halide_buffer_t *q, halide_buffer_t *k, halide_buffer_t *v, halide_buffer_t *mask, \
      float scale, bool causal, bool has_mask, uint32_t drop_threshold, float keep_scale, uint32_t seed_lo,      \
-     uint32_t seed_hi, int32_t causal_offset, int32_t all_keys_rows, halide_buffer_t *out)
+     uint32_t seed_hi, int32_t causal_offset, int32_t all_keys_rows, int32_t key_splits, halide_buffer_t *out)
 #include "attend_kernels.inc"  // generated: kernel headers, per-target functions, ATTEND_KERNEL_TABLE
 #include "internal.hpp"
 
@@ -58,6 +60,12 @@ bool fits(const KernelEntry &e, int64_t head_dim, int64_t value_dim) {
     return e.head_dim == 0 || (e.head_dim == head_dim && e.head_dim == value_dim);
 }
 
+// GPU kernels exist for d == dv in a few head dims; other (d, dv) run in a larger
+// one on zero-padded host copies (see padded()).
+bool fits_padded(const KernelEntry &e, int64_t head_dim, int64_t value_dim) {
+    return e.device != Device::CPU && e.head_dim >= std::max(head_dim, value_dim);
+}
+
 KernelInfo info_of(const KernelEntry &e) { return KernelInfo{e.name, e.device, e.head_dim}; }
 
 // The function for a capped instruction set: the best target at or below the cap.
@@ -73,15 +81,8 @@ KernelFn function_for(const KernelEntry &e, CpuIsa cap) {
 
 // ---- Halide runtime hooks ---------------------------------------------------
 
-// Each kernel call passes one of these as Halide's user_context, so an error
-// raised on any thread of the call lands here instead of in abort().
-struct CallContext {
-    std::mutex lock;
-    std::string errors;
-};
-
 void on_halide_error(void *user_context, const char *message) {
-    if (auto *call = static_cast<CallContext *>(user_context)) {
+    if (auto *call = static_cast<detail::CallContext *>(user_context)) {
         std::lock_guard<std::mutex> guard(call->lock);
         if (call->errors.size() < 4096) call->errors += message;
     }
@@ -91,17 +92,25 @@ void install_halide_hooks() {
     static std::once_flag once;
     std::call_once(once, [] {
         halide_set_error_handler(on_halide_error);
+        // GPU calls with host tensors make device copies each call: keep freed
+        // device memory in Halide's cache rather than paying cuMemAlloc/cuMemFree.
+        halide_reuse_device_allocations(nullptr, true);
     });
 }
 
 // ---- Buffers handed to the kernels ------------------------------------------
 
 // A halide_buffer_t over a TensorView, dims reversed (Halide's dim 0 is innermost).
+// On a GPU it also carries the device side: the caller's Halide device state, a
+// caller's CUDA pointer wrapped for the call, or a device copy of host data that
+// Halide allocates during the call and release() frees.
 struct KernelBuffer {
     halide_dimension_t dims[4];
     halide_buffer_t buffer{};
+    const detail::TensorView &view;
+    bool wrapped = false;  // buffer.device is the caller's CUDA pointer
 
-    KernelBuffer(const detail::TensorView &t, halide_type_t type) {
+    KernelBuffer(const detail::TensorView &t, halide_type_t type) : view(t) {
         for (int i = 0; i < t.ndim; i++) {
             int from = t.ndim - 1 - i;
             dims[i] = halide_dimension_t(0, int32_t(t.shape[from]), int32_t(t.strides[from]));
@@ -111,13 +120,104 @@ struct KernelBuffer {
         buffer.dimensions = t.ndim;
         buffer.dim = dims;
     }
+
+    // Before a GPU kernel runs. Returns a Halide error code.
+    int to_device(detail::CallContext *call, const halide_device_interface_t *interface, bool is_output) {
+        if (view.halide && view.halide->device) {
+            buffer.device = view.halide->device;
+            buffer.device_interface = view.halide->device_interface;
+            buffer.flags = view.halide->flags;
+            return 0;
+        }
+        if (!view.data) {  // the mask stand-in: device memory, never read
+            return halide_device_malloc(call, &buffer, interface);
+        }
+#if ATTEND_HAS_CUDA
+        if (view.device.device_type == kDLCUDA) {
+            buffer.host = nullptr;
+            wrapped = true;
+            return halide_cuda_wrap_device_ptr(call, &buffer, uint64_t(reinterpret_cast<uintptr_t>(view.data)));
+        }
+#endif
+        // Host data (written by the caller through plain pointers): Halide copies
+        // host-dirty inputs to the device. out is written there, not read.
+        if (!is_output) buffer.set_host_dirty(true);
+        return 0;
+    }
+
+    // After the call: keep the caller's Halide buffer in step, drop what the call made.
+    int release(detail::CallContext *call) {
+#if ATTEND_HAS_CUDA
+        if (wrapped) return halide_cuda_detach_device_ptr(call, &buffer);
+#endif
+        if (view.halide && view.halide->device) {
+            const_cast<halide_buffer_t *>(view.halide)->flags = buffer.flags;
+            return 0;
+        }
+        return buffer.device ? halide_device_free(call, &buffer) : 0;
+    }
 };
+
+// A dense host copy of t (any strides) whose last dim is widened to `width` with
+// zeros: zero columns of q and k add nothing to a score, and those of v give
+// output columns that unpad_into drops.
+detail::TensorView padded(const detail::TensorView &t, int64_t width, std::vector<float> &storage, bool copy = true) {
+    detail::TensorView wide = t;
+    wide.halide = nullptr;
+    wide.device = DLDevice{kDLCPU, 0};
+    wide.shape[3] = width;
+    int64_t stride = 1;
+    for (int i = 3; i >= 0; i--) {
+        wide.strides[i] = stride;
+        stride *= wide.shape[i];
+    }
+    storage.assign(size_t(stride), 0.0f);
+    wide.data = storage.data();
+    if (!copy) return wide;
+    const float *src = static_cast<const float *>(t.data);
+    for (int64_t a = 0; a < t.shape[0]; a++)
+        for (int64_t b = 0; b < t.shape[1]; b++)
+            for (int64_t c = 0; c < t.shape[2]; c++)
+                for (int64_t e = 0; e < t.shape[3]; e++)
+                    storage[size_t(((a * t.shape[1] + b) * t.shape[2] + c) * width + e)] =
+                        src[a * t.strides[0] + b * t.strides[1] + c * t.strides[2] + e * t.strides[3]];
+    return wide;
+}
+
+void unpad_into(const detail::TensorView &wide, const detail::TensorView &out) {
+    const float *src = static_cast<const float *>(wide.data);
+    float *dst = static_cast<float *>(out.data);
+    for (int64_t a = 0; a < out.shape[0]; a++)
+        for (int64_t b = 0; b < out.shape[1]; b++)
+            for (int64_t c = 0; c < out.shape[2]; c++)
+                for (int64_t e = 0; e < out.shape[3]; e++)
+                    dst[a * out.strides[0] + b * out.strides[1] + c * out.strides[2] + e * out.strides[3]] =
+                        src[a * wide.strides[0] + b * wide.strides[1] + c * wide.strides[2] + e];
+}
+
+// How many chunks of keys run in parallel (GPU). A GPU wants thousands of thread
+// blocks; with few query tiles (short sequences, few heads) the keys are cut into
+// chunks until there are about kTargetBlocks, each chunk at least kMinChunk keys.
+int32_t key_splits_for(const KernelEntry &kernel, const detail::Problem &p, const Options &options) {
+    if (options.key_splits > 0) return options.key_splits;
+    if (kernel.device == Device::CPU) return 1;  // the CPU's parallel loop is over tiles already
+    const int64_t kTargetBlocks = 4096, kMinChunk = 256, kRowsPerBlock = 32;
+    const int64_t blocks = (p.n + kRowsPerBlock - 1) / kRowsPerBlock * p.h * p.b;
+    const int64_t wanted = (kTargetBlocks + blocks - 1) / blocks;
+    return int32_t(std::clamp<int64_t>(std::min(wanted, p.m / kMinChunk), 1, 64));
+}
+
+// Whether the runtime can read a tensor's data on the host.
+bool host_readable(const detail::TensorView &t) {
+    return t.data && (t.device.device_type == kDLCPU || t.device.device_type == kDLCUDAHost) && !t.on_device_only;
+}
 
 // k and v are read in the kernels' hot loops, which need their head dim dense:
 // a strided one is copied to dense memory (C order), once per call.
 detail::TensorView dense_head_dim(const detail::TensorView &t, std::vector<float> &storage) {
     if (t.strides[3] == 1 || t.shape[3] <= 1) return t;
     detail::TensorView dense = t;
+    dense.halide = nullptr;  // a new host copy: the caller's device state does not apply
     storage.resize(size_t(t.shape[0] * t.shape[1] * t.shape[2] * t.shape[3]));
     dense.data = storage.data();
     int64_t stride = 1;
@@ -145,22 +245,27 @@ std::optional<KernelInfo> select_kernel(Device device, DType dtype, int64_t head
     };
     if (dtype != DType::Float32) return refuse("only float32 kernels are built");
     if (head_dim < 1 || value_dim < 0) return refuse("head dims must be positive");
-    switch (device) {
-    case Device::Auto:
-    case Device::CPU: {
-        const KernelEntry *generic = nullptr;
-        for (const KernelEntry &e : kKernels) {
-            if (e.device != Device::CPU) continue;
-            if (e.head_dim != 0 && fits(e, head_dim, value_dim)) return info_of(e);  // specialised first
-            if (e.head_dim == 0) generic = &e;
+    if (device == Device::Auto) device = Device::CPU;  // host tensors
+    const KernelEntry *generic = nullptr, *padded = nullptr;
+    for (const KernelEntry &e : kKernels) {
+        if (e.device != device) continue;
+        if (e.head_dim != 0 && fits(e, head_dim, value_dim)) return info_of(e);  // specialised first, in build order
+        if (e.head_dim == 0 && !generic) generic = &e;
+        if (fits_padded(e, head_dim, value_dim) && (!padded || e.head_dim < padded->head_dim)) padded = &e;
+    }
+    if (generic) return info_of(*generic);
+    if (padded) return info_of(*padded);
+    std::string dims;
+    for (const KernelEntry &e : kKernels) {
+        if (e.device == device && dims.find(" " + std::to_string(e.head_dim) + ",") == std::string::npos) {
+            dims += " " + std::to_string(e.head_dim) + ",";
         }
-        if (generic) return info_of(*generic);
-        return refuse("no cpu kernel for d=" + std::to_string(head_dim) + ", dv=" + std::to_string(value_dim) +
-                      " in this build (it has no generic kernel)");
     }
-    default:
-        return refuse(std::string("no kernels for device ") + to_string(device) + " in this build");
-    }
+    if (dims.empty()) return refuse(std::string("no ") + to_string(device) + " kernels in this build");
+    dims.pop_back();
+    return refuse(std::string("no ") + to_string(device) + " kernel for d=" + std::to_string(head_dim) +
+                  ", dv=" + std::to_string(value_dim) + " in this build (it has d = dv =" + dims +
+                  "; smaller d and dv run padded)");
 }
 
 std::vector<KernelInfo> available_kernels() {
@@ -199,9 +304,35 @@ const char *to_string(Device device) {
     switch (device) {
     case Device::Auto: return "auto";
     case Device::CPU: return "cpu";
+    case Device::CUDA: return "cuda";
+    case Device::OpenCL: return "opencl";
     }
     return "unknown";
 }
+
+const halide_device_interface_t *device_interface(Device device) {
+    install_halide_hooks();
+    if (device == Device::CUDA && detail::halide_interface(device)) {
+        detail::prepare_cuda(0);  // the driver and the context hooks, before any allocation
+    }
+    return detail::halide_interface(device);
+}
+
+namespace detail {
+
+const halide_device_interface_t *halide_interface(Device device) {
+    switch (device) {
+#if ATTEND_HAS_CUDA
+    case Device::CUDA: return halide_cuda_device_interface();
+#endif
+#if ATTEND_HAS_OPENCL
+    case Device::OpenCL: return halide_opencl_device_interface();
+#endif
+    default: return nullptr;
+    }
+}
+
+}  // namespace detail
 
 double flop_count(int64_t b, int64_t h, int64_t n, int64_t m, int64_t d, int64_t dv, bool causal) {
     return 2.0 * double(b) * double(h) * double(n) * double(m) * double(d + dv) * (causal ? 0.5 : 1.0);
@@ -215,60 +346,122 @@ void run(const Problem &p, const Options &options) {
     if (!options.kernel.empty()) {
         kernel = find_kernel(options.kernel);
         if (!kernel) throw std::invalid_argument("attend: options.kernel: no kernel named '" + options.kernel + "'");
-        if (!fits(*kernel, p.d, p.dv)) {
+        if (!fits(*kernel, p.d, p.dv) && !fits_padded(*kernel, p.d, p.dv)) {
             throw std::invalid_argument("attend: options.kernel: " + options.kernel + " needs d == dv == " +
-                                        std::to_string(kernel->head_dim) + ", got d=" + std::to_string(p.d) +
+                                        std::to_string(kernel->head_dim) +
+                                        (kernel->device == Device::CPU ? "" : " (or smaller, padded)") +
+                                        ", got d=" + std::to_string(p.d) +
                                         ", dv=" + std::to_string(p.dv));
+        }
+        if (kernel->device != p.device) {
+            throw std::invalid_argument(std::string("attend: options.kernel: ") + kernel->name + " runs on " +
+                                        to_string(kernel->device) + " but this call runs on " +
+                                        to_string(p.device) + " (set options.device, or move the tensors)");
         }
     } else {
         auto chosen = select_kernel(p.device, DType::Float32, p.d, p.dv, p.features, &why_not);
         if (!chosen) throw std::invalid_argument("attend: unsupported call: " + why_not);
         kernel = find_kernel(chosen->name);
     }
-    if (p.empty()) return;
-
-    std::vector<float> k_storage, v_storage;
-    TensorView k = dense_head_dim(p.k, k_storage), v = dense_head_dim(p.v, v_storage);
-    // Without a mask the kernels still take one: a single byte seen as [b, m] by strides 0.
-    uint8_t no_mask = 1;
-    TensorView mask = p.mask;
-    if (!p.mask.present) {
-        mask.ndim = 2;
-        mask.data = &no_mask;
-        mask.shape[0] = p.b;
-        mask.shape[1] = p.m;
-        mask.strides[0] = mask.strides[1] = 0;
-    }
-    // Causal: rows whose keys up to the diagonal are all masked (i + offset below a
-    // batch's first unmasked key, or below 0) get uniform weights over every key,
-    // so their tiles visit every key block; the others skip blocks above the diagonal.
-    int64_t first_unmasked = 0;
-    if (p.features.causal && p.features.mask) {
-        const auto *bytes = static_cast<const uint8_t *>(p.mask.data);
-        for (int64_t b = 0; b < p.b; b++) {
-            int64_t first = 0;
-            while (first < p.m && bytes[b * p.mask.strides[0] + first * p.mask.strides[1]] == 0) first++;
-            first_unmasked = std::max(first_unmasked, first);
-        }
-    }
-    const int64_t all_keys_rows = std::clamp(first_unmasked - p.causal_offset, int64_t(0), p.n);
-    const halide_type_t f32(halide_type_float, 32), u8(halide_type_uint, 8);
-    KernelBuffer q_buf(p.q, f32), k_buf(k, f32), v_buf(v, f32), mask_buf(mask, u8), out_buf(p.out, f32);
-
-    KernelFn function = function_for(*kernel, options.cpu_isa);
+    KernelFn function = kernel->device == Device::CPU ? function_for(*kernel, options.cpu_isa) : kernel->dispatch;
     if (!function) {
         throw std::invalid_argument(std::string("attend: options.cpu_isa: ") + kernel->name + " has no " +
                                     to_string(options.cpu_isa) + " (or lower) target in this build");
     }
+    if (p.empty()) return;
+    if (kernel->device == Device::CUDA) prepare_cuda(p.device_id);
+
+    std::vector<float> q_storage, k_storage, v_storage, out_storage;
+    TensorView q = p.q, k = dense_head_dim(p.k, k_storage), v = dense_head_dim(p.v, v_storage), out = p.out;
+    const bool pad = kernel->head_dim != 0 && !fits(*kernel, p.d, p.dv);
+    if (pad) {
+        if (!host_readable(p.q) || !host_readable(p.k) || !host_readable(p.v) || !host_readable(p.out)) {
+            throw std::invalid_argument(std::string("attend: q: ") + kernel->name + " runs d = dv = " +
+                                        std::to_string(kernel->head_dim) + "; other head dims (d=" +
+                                        std::to_string(p.d) + ", dv=" + std::to_string(p.dv) +
+                                        ") are padded on the host, so they need host tensors");
+        }
+        q = padded(p.q, kernel->head_dim, q_storage);
+        k = padded(k, kernel->head_dim, k_storage);
+        v = padded(v, kernel->head_dim, v_storage);
+        out = padded(p.out, kernel->head_dim, out_storage, /*copy=*/false);
+    }
+    // Without a mask the kernels still take one, never read: a single byte seen as
+    // [b, m] by strides 0; on a GPU one uninitialised byte of device memory
+    // (Halide would copy a host one element by element, and its contents do not matter).
+    uint8_t no_mask = 1;
+    TensorView mask = p.mask;
+    if (!p.mask.present) {
+        mask = TensorView();
+        mask.ndim = 2;
+        mask.data = kernel->device == Device::CPU ? &no_mask : nullptr;
+        mask.shape[0] = p.b;
+        mask.shape[1] = p.m;
+    }
+    // Causal: rows whose keys up to the diagonal are all masked (i + offset below a
+    // batch's first unmasked key, or below 0) get uniform weights over every key,
+    // so their tiles visit every key block; the others skip blocks above the diagonal.
+    // A mask only on the device is not scanned: every tile visits every block.
+    int64_t first_unmasked = 0;
+    if (p.features.causal && p.features.mask) {
+        if (host_readable(p.mask)) {
+            const auto *bytes = static_cast<const uint8_t *>(p.mask.data);
+            for (int64_t b = 0; b < p.b; b++) {
+                int64_t first = 0;
+                while (first < p.m && bytes[b * p.mask.strides[0] + first * p.mask.strides[1]] == 0) first++;
+                first_unmasked = std::max(first_unmasked, first);
+            }
+        } else {
+            first_unmasked = p.m + p.n;
+        }
+    }
+    const int64_t all_keys_rows = std::clamp(first_unmasked - p.causal_offset, int64_t(0), p.n);
+    const halide_type_t f32(halide_type_float, 32), u8(halide_type_uint, 8);
+    KernelBuffer q_buf(q, f32), k_buf(k, f32), v_buf(v, f32), mask_buf(mask, u8), out_buf(out, f32);
+
     install_halide_hooks();
     CallContext call;
-    int status = function(&call, &q_buf.buffer, &k_buf.buffer, &v_buf.buffer, &mask_buf.buffer, p.scale,
-                            p.features.causal, p.features.mask, p.drop_threshold, p.keep_scale, uint32_t(p.seed),
-                            uint32_t(p.seed >> 32), int32_t(p.causal_offset), int32_t(all_keys_rows),
-                            &out_buf.buffer);
-    if (status != 0) {
-        throw Error(std::string("attend: kernel ") + kernel->name + " failed (Halide error " +
-                    std::to_string(status) + "): " + (call.errors.empty() ? "no message" : call.errors));
+    call.cuda_device = p.device_id;
+    call.cuda_stream = options.cuda_stream;
+    auto failed = [&](const char *what, int status) {
+        return Error(std::string("attend: kernel ") + kernel->name + ": " + what + " failed (Halide error " +
+                     std::to_string(status) + "): " + (call.errors.empty() ? "no message" : call.errors));
+    };
+    KernelBuffer *buffers[] = {&q_buf, &k_buf, &v_buf, &mask_buf, &out_buf};
+    int status = 0;
+    const bool gpu = kernel->device != Device::CPU;
+    if (gpu) {
+        for (KernelBuffer *b : buffers) {
+            if (status == 0) status = b->to_device(&call, detail::halide_interface(kernel->device), b == &out_buf);
+        }
+    }
+    const char *stage = "preparing device buffers";
+    if (status == 0) {
+        stage = "running";
+        status = function(&call, &q_buf.buffer, &k_buf.buffer, &v_buf.buffer, &mask_buf.buffer, p.scale,
+                          p.features.causal, p.features.mask, p.drop_threshold, p.keep_scale, uint32_t(p.seed),
+                          uint32_t(p.seed >> 32), int32_t(p.causal_offset), int32_t(all_keys_rows),
+                          key_splits_for(*kernel, p, options), &out_buf.buffer);
+    }
+    // A host out gets the result only when everything succeeded: otherwise it is untouched.
+    if (gpu && status == 0 && host_readable(out) && !(out.halide && out.halide->device)) {
+        stage = "copying the result to the host";
+        status = halide_copy_to_host(&call, &out_buf.buffer);
+    }
+    if (gpu) {
+        for (KernelBuffer *b : buffers) {
+            int released = b->release(&call);
+            if (status == 0 && released != 0) {
+                stage = "releasing device buffers";
+                status = released;
+            }
+        }
+    }
+    if (status != 0) throw failed(stage, status);
+    if (pad) unpad_into(out, p.out);
+    // A CPU kernel wrote the host memory of a caller's Halide buffer: its device copy is stale.
+    if (!gpu && p.out.halide && p.out.halide->device_interface) {
+        const_cast<halide_buffer_t *>(p.out.halide)->flags |= halide_buffer_flag_host_dirty;
     }
 }
 

@@ -49,7 +49,17 @@ std::string device_string(DLDevice d) {
 
 bool is_float32(DLDataType t) { return t.code == kDLFloat && t.bits == 32 && t.lanes == 1; }
 bool is_mask_type(DLDataType t) { return (t.code == kDLBoolCode || t.code == kDLUInt) && t.bits == 8 && t.lanes == 1; }
-bool host_accessible(DLDevice d) { return d.device_type == kDLCPU || d.device_type == kDLCUDAHost; }
+
+// Where a tensor's data is, as a kernel device (CPU: host memory).
+Device location(const TensorView &t) {
+    switch (t.device.device_type) {
+    case kDLCPU:
+    case kDLCUDAHost: return Device::CPU;
+    case kDLCUDA: return Device::CUDA;
+    case kDLOpenCL: return Device::OpenCL;
+    default: return Device::Auto;  // unsupported, rejected in check_device
+    }
+}
 
 int64_t element_count(const TensorView &t) {
     int64_t count = 1;
@@ -79,15 +89,17 @@ void check_basic(const TensorView &t, std::initializer_list<int> ranks, const ch
                  "; negative strides are not supported");
         }
     }
-    if (t.on_device_only) {
-        fail(std::string(t.name) + ": the buffer's current data is on a device (device_dirty); this build runs on "
-                                   "the cpu: copy it to the host first");
-    }
-    if (!host_accessible(t.device)) {
+    if (location(t) == Device::Auto) {
         fail(std::string(t.name) + ": tensor is on " + device_string(t.device) +
-             "; this build has kernels for the cpu only");
+             "; attend runs on host memory (cpu, cuda-host) and cuda devices");
     }
-    if (element_count(t) > 0 && t.data == nullptr) {
+    if (t.device.device_type == kDLOpenCL && !t.halide) {
+        fail(std::string(t.name) + ": tensor is on " + device_string(t.device) +
+             "; OpenCL tensors through DLPack are not supported: pass host tensors with options.device = OpenCL, "
+             "or Halide buffers with an OpenCL allocation");
+    }
+    const bool device_only = t.halide && t.halide->device && !t.data;
+    if (element_count(t) > 0 && t.data == nullptr && !device_only) {
         fail(std::string(t.name) + ": data is null for a tensor of shape " + shape_string(t));
     }
     // The kernels index with 32-bit integers.
@@ -140,6 +152,7 @@ void check_no_self_overlap(const TensorView &t) {
 
 bool overlaps(const TensorView &a, const TensorView &b) {
     if (!a.present || !b.present || element_count(a) == 0 || element_count(b) == 0) return false;
+    if (!a.data || !b.data) return false;  // a Halide buffer on a device only: its host side is unset
     auto begin_a = static_cast<const char *>(a.data), begin_b = static_cast<const char *>(b.data);
     auto end_a = begin_a + (last_offset(a) + 1) * (a.dtype.bits / 8);
     auto end_b = begin_b + (last_offset(b) + 1) * (b.dtype.bits / 8);
@@ -173,13 +186,47 @@ void check_options(const Options &options) {
     if (options.causal_align != CausalAlign::TopLeft && options.causal_align != CausalAlign::BottomRight) {
         fail("options.causal_align: unknown alignment " + std::to_string(int(options.causal_align)));
     }
-    if (options.device != Device::Auto && options.device != Device::CPU) {
+    if (options.device != Device::Auto && options.device != Device::CPU && options.device != Device::CUDA &&
+        options.device != Device::OpenCL) {
         fail("options.device: unknown device " + std::to_string(int(options.device)));
+    }
+    if (options.key_splits < 0 || options.key_splits > 64) {
+        fail("options.key_splits: expected 0 (automatic) to 64, got " + std::to_string(options.key_splits));
     }
     auto isas = supported_cpu_isas();
     if (std::find(isas.begin(), isas.end(), options.cpu_isa) == isas.end()) {
         fail(std::string("options.cpu_isa: ") + to_string(options.cpu_isa) + " is not supported by this CPU");
     }
+}
+
+// Where the call runs: where the tensors are, unless options.device asks for a GPU
+// for host tensors. Also checks what that device needs of the tensors.
+Device check_device(const std::vector<const TensorView *> &tensors, const Options &options) {
+    const TensorView &q = *tensors[0];
+    for (const TensorView *t : tensors) {
+        if (t->present && (t->device.device_type != q.device.device_type || t->device.device_id != q.device.device_id)) {
+            fail(std::string(t->name) + ": is on " + device_string(t->device) + " but q is on " +
+                 device_string(q.device) + "; all tensors must be on one device");
+        }
+    }
+    const Device on = location(q);
+    Device run_on = options.device == Device::Auto ? on : options.device;
+    if (on != Device::CPU && run_on != on) {
+        fail(std::string("options.device: asks for ") + to_string(options.device) + " but the tensors are on " +
+             device_string(q.device) + " (copy them, or leave options.device as auto)");
+    }
+    for (const TensorView *t : tensors) {
+        if (!t->present) continue;
+        if (run_on == Device::CPU && t->on_device_only) {
+            fail(std::string(t->name) + ": the buffer's current data is on a device (device_dirty) and the call "
+                                        "runs on the cpu: copy it to the host first");
+        }
+        if (run_on != Device::CPU && t->halide && t->halide->device &&
+            t->halide->device_interface != halide_interface(run_on)) {
+            fail(std::string(t->name) + ": has a device allocation of another device API than " + to_string(run_on));
+        }
+    }
+    return run_on;
 }
 
 }  // namespace
@@ -219,6 +266,11 @@ TensorView view_of(const char *name, const halide_buffer_t &b) {
     if (b.type.code == halide_type_uint && b.type.bits == 1) v.dtype.code = kDLBoolCode;
     v.dtype.lanes = b.type.lanes;
     v.on_device_only = b.device_interface != nullptr && (b.flags & halide_buffer_flag_device_dirty) != 0;
+    v.halide = &b;
+    if (b.device && b.device_interface) {
+        if (b.device_interface == halide_interface(Device::CUDA)) v.device = DLDevice{kDLCUDA, 0};
+        if (b.device_interface == halide_interface(Device::OpenCL)) v.device = DLDevice{kDLOpenCL, 0};
+    }
     v.ndim = b.dimensions;
     if (b.dimensions < 0 || b.dimensions > 4) return v;
     for (int i = 0; i < b.dimensions; i++) {  // Halide's dim 0 is the innermost
@@ -240,12 +292,7 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
     if (mask.present && !is_mask_type(mask.dtype)) {
         fail(std::string("mask: expected dtype bool (or uint8), got ") + dtype_string(mask.dtype));
     }
-    for (const TensorView *t : {&k, &v, &out, &mask}) {
-        if (t->present && t->device.device_type != q.device.device_type) {
-            fail(std::string(t->name) + ": is on " + device_string(t->device) + " but q is on " +
-                 device_string(q.device) + "; all tensors must be on one device");
-        }
-    }
+    const Device run_on = check_device({&q, &k, &v, &out, &mask}, options);
     if (k.ndim != v.ndim) {
         fail("v: has " + std::to_string(v.ndim) + " dims but k has " + std::to_string(k.ndim) +
              "; k and v must both be 3-D (multi-query) or both 4-D");
@@ -295,7 +342,14 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
     p.q = q;
     p.mask = mask;
     p.out = out;
-    p.device = Device::CPU;
+    p.device = run_on;
+    p.device_id = q.device.device_type == kDLCUDA ? q.device.device_id : 0;
+    for (const TensorView *t : {&p.k, &p.v}) {
+        if (location(*t) != Device::CPU && t->strides[3] != 1 && t->shape[3] > 1) {
+            fail(std::string(t->name) + ": on a device its last dim must be dense (stride 1), got stride " +
+                 std::to_string(t->strides[3]));
+        }
+    }
     p.scale = options.scale ? *options.scale : float(1.0 / std::sqrt(double(p.d)));
     p.seed = options.seed;
     bool dropout = options.training && options.dropout > 0.0f;

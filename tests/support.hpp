@@ -141,6 +141,17 @@ struct ProblemSpec {
     uint32_t seed = 1;
 };
 
+// b batches of h heads (and as many kv heads), n queries, m keys, d = dv.
+inline ProblemSpec spec_of(int64_t b, int64_t h, int64_t n, int64_t m, int64_t d) {
+    ProblemSpec spec;
+    spec.b = b;
+    spec.h = spec.kv_heads = h;
+    spec.n = n;
+    spec.m = m;
+    spec.d = spec.dv = d;
+    return spec;
+}
+
 inline Problem make_problem(const ProblemSpec &s, Options options = {}) {
     Problem p;
     p.shape = reference::Shape{s.b, s.h, s.kv_heads, s.n, s.m, s.d, s.dv};

@@ -145,7 +145,7 @@ TEST_CASE("attend run: bad input exits 2 with a message, OUT.npy untouched") {
         {"run " + c.files + " --k " + c.ws.path("k_wrong_d.npy"), "k: head dim is 32"},
         {"run " + c.files + " --mask " + c.ws.path("q.npy"), "mask: expected 2 dims"},
         {"run " + c.files + " --dropout 2", "options.dropout"},
-        {"run " + c.files + " --device cuda", "--device"},
+        {"run " + c.files + " --device tpu", "--device"},
         {"run " + c.files + " --isa sse9", "--isa"},
         {"run " + c.files + " --scale abc", "--scale"},
         {"run " + c.files + " --causal --causal-align middle", "--causal-align"},
@@ -158,6 +158,32 @@ TEST_CASE("attend run: bad input exits 2 with a message, OUT.npy untouched") {
         CHECK(r.err.find(bad.message) != std::string::npos);
         CHECK(std::count(r.err.begin(), r.err.end(), '\n') <= 2);  // one line (CLI11 may add a hint line)
         CHECK(c.out_untouched());
+    }
+}
+
+TEST_CASE("attend run --device opencl|cuda: the same result as cpu, or exit 1 naming what is missing") {
+    CliProblem c;
+    REQUIRE(c.ws.attend("run " + c.files + " --causal").status == 0);
+    auto on_cpu = npy::read(c.ws.path("out.npy"));
+    for (const char *device : {"opencl", "cuda"}) {
+        INFO(device);
+        std::ofstream(c.ws.path("out.npy")) << "sentinel";
+        auto r = c.ws.attend("run " + c.files + " --causal --device " + device);
+        INFO("stderr: " << r.err);
+        if (r.status == 0) {
+            auto on_gpu = npy::read(c.ws.path("out.npy"));
+            REQUIRE(on_gpu.numel() == on_cpu.numel());
+            double largest = 0;
+            for (int64_t e = 0; e < on_cpu.numel(); e++) {
+                largest = std::max(largest, double(std::fabs(on_gpu.f32()[e] - on_cpu.f32()[e])));
+            }
+            CHECK(largest <= 2 * fp32_tolerance(c.p));  // two fp32 results, each within the bound
+        } else {
+            // No such device here (CUDA without a GPU): a runtime failure, OUT.npy untouched.
+            CHECK(r.status == 1);
+            CHECK(r.err.find(std::string(device) == "cuda" ? "CUDA" : "OpenCL") != std::string::npos);
+            CHECK(c.out_untouched());
+        }
     }
 }
 

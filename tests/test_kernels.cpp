@@ -1,5 +1,5 @@
-// Every kernel of the build, on every CPU instruction set this machine has,
-// against the double-precision oracle.
+// Every CPU kernel of the build, on every CPU instruction set this machine has,
+// against the double-precision oracle (tests/test_gpu.cpp checks the GPU kernels).
 #include <map>
 
 #include "support.hpp"
@@ -18,7 +18,7 @@ struct Variant {
 std::vector<Variant> variants_for(int64_t d, int64_t dv) {
     std::vector<Variant> out;
     for (const auto &k : available_kernels()) {
-        if (k.head_dim != 0 && !(k.head_dim == d && k.head_dim == dv)) continue;
+        if (k.device != Device::CPU || (k.head_dim != 0 && !(k.head_dim == d && k.head_dim == dv))) continue;
         for (CpuIsa isa : supported_cpu_isas()) out.push_back({k.name, isa});
     }
     return out;
@@ -49,7 +49,9 @@ const int64_t kSizes[] = {1, 2, 7, 63, 65, 257, 1000};
 
 TEST_CASE("the build has a specialised kernel for the common head dims and a generic one") {
     std::map<int, std::string> by_dim;
-    for (const auto &k : available_kernels()) by_dim[k.head_dim] = k.name;
+    for (const auto &k : available_kernels()) {
+        if (k.device == Device::CPU) by_dim[k.head_dim] = k.name;
+    }
     for (int d : {32, 64, 80, 128}) CHECK(by_dim.count(d) == 1);
     CHECK(by_dim.count(0) == 1);
 }
@@ -100,6 +102,19 @@ TEST_CASE("padding mask, causal, and both") {
             spec.mask = false;
             check_all_variants(spec, causal);  // causal
         }
+    }
+}
+
+TEST_CASE("keys in chunks merged afterwards (options.key_splits) on the CPU too") {
+    for (int splits : {2, 5}) {
+        ProblemSpec spec = spec_of(2, 2, 70, 300, 64);
+        spec.mask = true;
+        Options options;
+        options.key_splits = splits;
+        options.causal = true;
+        check_all_variants(spec, options);
+        spec.d = spec.dv = 24;  // the generic kernel
+        check_all_variants(spec, options);
     }
 }
 

@@ -21,6 +21,16 @@
 // mask and out are used in place with any strides. out must not overlap itself
 // or any input.
 //
+// Devices: tensors on a CUDA GPU (DLPack kDLCUDA, or Halide buffers with a CUDA
+// device allocation) run the CUDA kernel on that GPU; host tensors run the CPU
+// kernel, or a GPU kernel when options.device asks for one (the runtime copies
+// them to the device and the result back). OpenCL is only chosen explicitly
+// (options.device = OpenCL) and takes host tensors or Halide buffers with an
+// OpenCL device allocation. All tensors must be on one device. On CUDA the
+// kernel runs in the caller's current context (else the device's primary
+// context, as the CUDA runtime API and PyTorch use) on options.cuda_stream;
+// with device-resident out the call returns once the kernel is queued.
+//
 // Errors: a bad argument throws std::invalid_argument naming the argument, the
 // expectation and what was given; a failure while running throws attend::Error.
 // In both cases out is left untouched.
@@ -43,7 +53,7 @@
 
 namespace attend {
 
-enum class Device { Auto, CPU };
+enum class Device { Auto, CPU, CUDA, OpenCL };
 enum class DType { Float32 };
 
 // Which instruction set the CPU kernels may use. Auto lets the multi-target
@@ -64,8 +74,11 @@ struct Options {
     std::optional<float> scale;    // default: d^-0.5
     uint64_t seed = 0;             // dropout: the mask is a pure function of (seed, b, h, i, j)
     Device device = Device::Auto;  // Auto: where the tensors are
+    void *cuda_stream = nullptr;   // CUDA: the CUstream the kernel is ordered on (null: the default stream)
     CpuIsa cpu_isa = CpuIsa::Auto;
     std::string kernel;            // force a kernel by name (tests, tuning); empty: select_kernel decides
+    int key_splits = 0;            // chunks of keys computed in parallel and merged (GPU); 0: chosen from the
+                                   // size (1 on the CPU), at most 64
 };
 
 // A failure while running a kernel (Halide runtime error, out of memory).
@@ -97,6 +110,12 @@ ATTEND_API std::vector<KernelInfo> available_kernels();
 ATTEND_API std::vector<CpuIsa> supported_cpu_isas();
 ATTEND_API const char *to_string(CpuIsa isa);
 ATTEND_API const char *to_string(Device device);
+
+// Halide's device interface for CUDA or OpenCL, to give Halide buffers a device
+// allocation (buffer.device_malloc(attend::device_interface(Device::CUDA)));
+// null where this build has no kernels for that device. CUDA: throws attend::Error
+// when there is no driver or GPU.
+ATTEND_API const halide_device_interface_t *device_interface(Device device);
 
 ATTEND_API void forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const DLTensor *mask,
                         const DLTensor &out, const Options &options = {});

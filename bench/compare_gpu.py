@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Every GPU kernel variant of the build next to PyTorch SDPA on the same GPU.
+
+For each shape (fp32, b=2, h=8, n=m in {1024, 4096, 16384}, d in {64, 128},
+causal and not): `attend bench --device cuda --kernel K --json` for every CUDA
+variant of the build, and torch.nn.functional.scaled_dot_product_attention on
+the same GPU (TF32 off, so both are fp32 FMA work). Prints TFLOP/s, the ratio
+to SDPA and the fraction of the GPU's fp32 FMA peak (SMs x 128 lanes x 2 x the
+largest SM clock, from torch and nvidia-smi), and writes every figure as one
+JSON line per measurement (so a run cut short keeps what it measured).
+
+    python3 bench/compare_gpu.py --build build --out bench/results/gpu
+
+--device opencl --quick dry-runs the same flow without a GPU (PoCL; SDPA on the CPU).
+TFLOP/s count 4*b*h*n*m*d, halved for causal. Times are medians.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", default=str(REPO / "build"))
+    ap.add_argument("--device", default="cuda", choices=["cuda", "opencl"])
+    ap.add_argument("--quick", action="store_true", help="n=m in {256} only, d=64 (dry run)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu"))
+    return ap.parse_args()
+
+
+def shapes(quick):
+    if quick:
+        return [dict(b=1, h=2, n=256, d=64, causal=c) for c in (False, True)]
+    return [dict(b=2, h=8, n=n, d=d, causal=c) for d in (64, 128) for n in (1024, 4096, 16384) for c in (False, True)]
+
+
+def flops(s):
+    return 4.0 * s["b"] * s["h"] * s["n"] * s["n"] * s["d"] * (0.5 if s["causal"] else 1.0)
+
+
+def repeats(s):
+    return 3 if s["n"] >= 16384 else 7
+
+
+def attend_bench(build, device, kernel, s, key_splits=0):
+    exe = Path(build) / "bin" / "attend"
+    args = [str(exe), "bench", "--device", device, "--kernel", kernel, "--b", str(s["b"]), "--h", str(s["h"]),
+            "--n", str(s["n"]), "--m", str(s["n"]), "--d", str(s["d"]), "--repeats", str(repeats(s)), "--json",
+            "--key-splits", str(key_splits)]
+    if s["causal"]:
+        args.append("--causal")
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        return {"error": (r.stderr or r.stdout).strip()[-400:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def torch_sdpa(s, on_gpu):
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = "cuda" if on_gpu else "cpu"
+    g = torch.Generator(device=dev).manual_seed(0)
+    shape = (s["b"], s["h"], s["n"], s["d"])
+    q, k, v = (torch.randn(shape, device=dev, generator=g) for _ in range(3))
+    f = torch.nn.functional.scaled_dot_product_attention
+    times = []
+    for r in range(repeats(s) + 1):
+        if on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            f(q, k, v, is_causal=s["causal"])
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            f(q, k, v, is_causal=s["causal"])
+            ms = (time.perf_counter() - t0) * 1e3
+        if r > 0:  # the first call warms up
+            times.append(ms)
+    return statistics.median(times)
+
+
+def fp32_peak_tflops():
+    """SMs x 128 fp32 lanes x 2 flops x the largest SM clock."""
+    try:
+        import torch
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        mhz = float(subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits"],
+                                   capture_output=True, text=True).stdout.split()[0])
+        return sms * 128 * 2 * mhz * 1e6 / 1e12, torch.cuda.get_device_name(0)
+    except Exception as e:  # no GPU (dry run)
+        return None, f"no CUDA GPU ({e.__class__.__name__})"
+
+
+def main():
+    a = parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kernels = subprocess.run([str(Path(a.build) / "bin" / "attend"), "kernels"], capture_output=True, text=True).stdout
+    variants = [line.split()[0] for line in kernels.splitlines() if line.strip().startswith(f"attend_{a.device}_")]
+    peak, gpu = fp32_peak_tflops()
+    try:
+        import torch
+        on_gpu = a.device == "cuda" and torch.cuda.is_available()
+    except ImportError:
+        torch, on_gpu = None, False
+    print(f"GPU: {gpu}; fp32 FMA peak: {peak:.1f} TFLOP/s" if peak else f"GPU: {gpu}")
+    log = open(out / "compare_gpu.jsonl", "a")
+    rows = []
+    for s in shapes(a.quick):
+        name = f"n=m={s['n']} d={s['d']}{' causal' if s['causal'] else ''}"
+        sdpa_ms = torch_sdpa(s, on_gpu) if torch else None
+        sdpa = flops(s) / sdpa_ms / 1e9 if sdpa_ms else None
+        entry = dict(shape=s, gpu=gpu, peak_tflops=peak, sdpa_ms=sdpa_ms, sdpa_tflops=sdpa, attend={})
+        candidates = [v for v in variants if f"_d{s['d']}_" in v]
+        if s["n"] >= 16384:  # the largest size only for variants within half of the best at the size before
+            before = [e for e in rows if e["shape"]["d"] == s["d"] and e["shape"]["causal"] == s["causal"]]
+            speeds = {k: r.get("tflops", 0) for k, r in before[-1]["attend"].items()} if before else {}
+            if speeds:
+                candidates = [k for k in candidates if speeds.get(k, 0) >= 0.5 * max(speeds.values())]
+        # The default variant once more in one pass over the keys (key_splits=1), to
+        # show what running chunks of keys in parallel brings.
+        runs = [(k, 0) for k in candidates]
+        if candidates and s["n"] < 16384:  # (at 16384 the automatic choice is 1 already)
+            runs.append((candidates[0], 1))
+        for kernel, key_splits in runs:
+            r = attend_bench(a.build, a.device, kernel, s, key_splits)
+            if key_splits:
+                kernel += "/splits=1"
+            if "error" not in r:
+                r["tflops"] = flops(s) / r["median_ms"] / 1e9
+            entry["attend"][kernel] = r
+            tf = r.get("tflops")
+            line = f"{name:28s} {kernel:28s} " + (f"{tf:8.2f} TFLOP/s" if tf else f"error: {r['error'][:120]}")
+            if tf and sdpa:
+                line += f"  {tf / sdpa:5.2f}x SDPA ({sdpa:.2f})"
+            if tf and peak:
+                line += f"  {tf / peak:5.1%} of peak"
+            print(line, flush=True)
+        log.write(json.dumps(entry) + "\n")
+        log.flush()
+        rows.append(entry)
+    print("\nbest variant per shape:")
+    for e in rows:
+        s = e["shape"]
+        best = max(((k, r["tflops"]) for k, r in e["attend"].items() if "tflops" in r), key=lambda x: x[1], default=None)
+        if best:
+            ratio = f"{best[1] / e['sdpa_tflops']:.2f}x SDPA" if e["sdpa_tflops"] else ""
+            print(f"  n=m={s['n']:<6} d={s['d']:<4} {'causal' if s['causal'] else '      '} {best[0]:28s} "
+                  f"{best[1]:7.2f} TFLOP/s {ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Every check that needs an NVIDIA GPU, in one pass (GPU time is scarce: run it once):
+#   1. the CUDA tests (tests/test_gpu.cpp --device=cuda: oracle, CPU dropout masks,
+#      Halide device buffers, the caller's context and stream)
+#   2. bench/compare_gpu.py: every CUDA variant against PyTorch SDPA fp32
+#   3. compute-sanitizer racecheck on one small shape with a lanes and a threads
+#      variant, memcheck with the default one
+#   4. the memory bound: b=1, h=4, n=m=131072, d=64, causal; its scores alone would
+#      take 256 GiB, more than any GPU has
+#
+#   bench/gpu_check.sh [BUILD]        logs under $OUT (default bench/results/gpu)
+#
+# BUILD (default build/) is a build made by ./build.sh, here or on another x86-64
+# machine (the kernels do not need libHalide at run time, so a build folder can be
+# copied to a GPU machine that has no Halide). Dry run without a GPU:
+#   ATTEND_GPU_DEVICE=opencl bench/gpu_check.sh    (OpenCL on PoCL, small shapes)
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD="$(cd "${1:-$ROOT/build}" && pwd)"
+OUT="${OUT:-$ROOT/bench/results/gpu}"
+DEVICE="${ATTEND_GPU_DEVICE:-cuda}"
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH="$BUILD/runtime${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"  # a copied build's rpath points elsewhere
+ATTEND="$BUILD/bin/attend"
+TESTS="$BUILD/tests/attend_gpu_tests"
+for f in "$ATTEND" "$TESTS"; do
+    [ -x "$f" ] || { echo "missing $f: build first (./build.sh)" >&2; exit 2; }
+done
+
+step() { printf '\n==> %s\n' "$*" | tee -a "$OUT/summary.txt"; }
+failures=0
+check() {  # check NAME COMMAND...: runs it, logs to $OUT/NAME.log, records the status
+    local name="$1"
+    shift
+    local start=$SECONDS
+    "$@" >"$OUT/$name.log" 2>&1
+    local status=$?
+    echo "$name: exit $status in $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+    [ $status -eq 0 ] || failures=$((failures + 1))
+    return $status
+}
+
+: >"$OUT/summary.txt"
+step "machine"
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1 || true; } | tee -a "$OUT/summary.txt"
+"$ATTEND" kernels >"$OUT/kernels.txt" 2>&1
+
+step "1. $DEVICE tests"
+check tests "$TESTS" --device="$DEVICE"
+tail -n 4 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+
+step "2. every $DEVICE variant against PyTorch SDPA"
+quick=""
+[ "$DEVICE" = cuda ] || quick="--quick"
+check compare python3 "$ROOT/bench/compare_gpu.py" --build "$BUILD" --device "$DEVICE" --out "$OUT" $quick
+tail -n 14 "$OUT/compare.log" | tee -a "$OUT/summary.txt"
+
+if [ "$DEVICE" = cuda ]; then
+    step "3. compute-sanitizer (small shape, d=64, causal)"
+    SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+    for run in racecheck:attend_cuda_d64_lanes racecheck:attend_cuda_d64_threads memcheck:attend_cuda_d64_lanes; do
+        tool="${run%%:*}" kernel="${run#*:}"
+        check "${tool}_$kernel" "$SANITIZER" --tool "$tool" --error-exitcode 3 \
+            "$ATTEND" bench --device cuda --kernel "$kernel" --b 1 --h 2 --n 70 --m 100 --d 64 --causal --repeats 1
+        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|hazard" "$OUT/${tool}_$kernel.log" | head -3 | tee -a "$OUT/summary.txt"
+    done
+
+    step "4. memory bound: n=m=131072 (scores would need 256 GiB)"
+    check memory_bound "$ATTEND" bench --device cuda --b 1 --h 4 --n 131072 --m 131072 --d 64 --causal --repeats 1 --json
+    tail -n 2 "$OUT/memory_bound.log" | tee -a "$OUT/summary.txt"
+fi
+
+step "done: $failures failed step(s)"
+exit $((failures > 0))

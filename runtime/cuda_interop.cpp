@@ -1,0 +1,138 @@
+// CUDA interop: Halide's CUDA runtime runs our kernels in the caller's CUDA
+// state. By default Halide creates a context of its own, so device pointers
+// from the CUDA runtime API or PyTorch (which live in the device's primary
+// context) would be foreign to it; these hooks hand it the caller's current
+// context, else the primary context, and the stream of the call.
+//
+// The driver is loaded here with dlopen (no link-time dependency on libcuda, so
+// libattend loads on machines without a GPU), by its versioned name: many
+// systems ship libcuda.so.1 without the libcuda.so link Halide looks for.
+// Loading it RTLD_GLOBAL lets Halide's runtime find the same symbols.
+#include <dlfcn.h>
+
+#include <map>
+#include <mutex>
+
+#include <HalideRuntimeCuda.h>
+
+#include "internal.hpp"
+
+namespace attend::detail {
+#if ATTEND_HAS_CUDA
+namespace {
+
+// The few driver entry points used here (CUDA driver API, stable ABI).
+using CUresult = int;
+using CUdevice = int;
+using CUcontext = void *;
+struct Driver {
+    CUresult (*cuInit)(unsigned);
+    CUresult (*cuDeviceGetCount)(int *);
+    CUresult (*cuDeviceGet)(CUdevice *, int);
+    CUresult (*cuCtxGetCurrent)(CUcontext *);
+    CUresult (*cuDevicePrimaryCtxRetain)(CUcontext *, CUdevice);
+    CUresult (*cuGetErrorName)(CUresult, const char **);
+};
+
+std::mutex driver_lock;
+Driver driver{};
+std::string driver_problem;           // why the driver is unusable; empty when it is
+bool driver_loaded = false;
+std::map<int, CUcontext> primary;     // retained primary contexts, kept for the process
+
+std::string error_name(CUresult r) {
+    const char *name = nullptr;
+    if (driver.cuGetErrorName && driver.cuGetErrorName(r, &name) == 0 && name) return name;
+    return "CUDA error " + std::to_string(r);
+}
+
+void load_driver() {
+    driver_loaded = true;
+    void *library = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+    if (!library) {
+        const char *why = dlerror();
+        driver_problem = std::string("no CUDA driver: libcuda.so.1 could not be loaded (") + (why ? why : "?") + ")";
+        return;
+    }
+    auto get = [&](auto &fn, const char *name) {
+        fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(library, name));
+        if (!fn && driver_problem.empty()) driver_problem = std::string("the CUDA driver has no ") + name;
+    };
+    get(driver.cuInit, "cuInit");
+    get(driver.cuDeviceGetCount, "cuDeviceGetCount");
+    get(driver.cuDeviceGet, "cuDeviceGet");
+    get(driver.cuCtxGetCurrent, "cuCtxGetCurrent");
+    get(driver.cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain");
+    get(driver.cuGetErrorName, "cuGetErrorName");
+    if (!driver_problem.empty()) return;
+    if (CUresult r = driver.cuInit(0)) driver_problem = "cuInit failed: " + error_name(r) + " (no usable GPU?)";
+}
+
+// Halide hooks. They run inside kernel calls (any thread), and return Halide
+// error codes rather than throwing.
+int acquire_context(void *user_context, void **context, bool create) {
+    CUcontext current = nullptr;
+    if (driver.cuCtxGetCurrent && driver.cuCtxGetCurrent(&current) == 0 && current) {
+        *context = current;  // the caller's context: its pointers and streams live there
+        return halide_error_code_success;
+    }
+    if (!create) {
+        *context = nullptr;
+        return halide_error_code_success;
+    }
+    int device = user_context ? static_cast<CallContext *>(user_context)->cuda_device : 0;
+    std::lock_guard<std::mutex> guard(driver_lock);
+    auto found = primary.find(device);
+    if (found != primary.end()) {
+        *context = found->second;
+        return halide_error_code_success;
+    }
+    CUdevice handle = 0;
+    CUcontext ctx = nullptr;
+    CUresult r = driver.cuDeviceGet ? driver.cuDeviceGet(&handle, device) : -1;
+    if (r == 0) r = driver.cuDevicePrimaryCtxRetain(&ctx, handle);
+    if (r != 0 || !ctx) {
+        halide_error(user_context, ("attend: CUDA: no primary context for device " + std::to_string(device) + ": " +
+                                    error_name(r))
+                                       .c_str());
+        return halide_error_code_device_interface_no_device;
+    }
+    primary[device] = ctx;
+    *context = ctx;
+    return halide_error_code_success;
+}
+
+int release_context(void *) { return halide_error_code_success; }
+
+int get_stream(void *user_context, void *, void **stream) {
+    *stream = user_context ? static_cast<CallContext *>(user_context)->cuda_stream : nullptr;
+    return halide_error_code_success;
+}
+
+}  // namespace
+
+void prepare_cuda(int device) {
+    std::lock_guard<std::mutex> guard(driver_lock);
+    if (!driver_loaded) {
+        load_driver();
+        if (driver_problem.empty()) {
+            halide_set_cuda_acquire_context(acquire_context);
+            halide_set_cuda_release_context(release_context);
+            halide_set_cuda_get_stream(get_stream);
+        }
+    }
+    if (!driver_problem.empty()) throw Error("attend: CUDA: " + driver_problem);
+    int count = 0;
+    if (CUresult r = driver.cuDeviceGetCount(&count)) {
+        throw Error("attend: CUDA: cuDeviceGetCount failed: " + error_name(r));
+    }
+    if (device < 0 || device >= count) {
+        throw Error("attend: CUDA: device " + std::to_string(device) + " does not exist (this machine has " +
+                    std::to_string(count) + " CUDA device" + (count == 1 ? "" : "s") + ")");
+    }
+}
+
+#else
+void prepare_cuda(int) { throw Error("attend: CUDA: this build has no CUDA kernels (ATTEND_CUDA=OFF)"); }
+#endif
+}  // namespace attend::detail

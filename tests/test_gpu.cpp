@@ -1,0 +1,341 @@
+// The GPU kernels of one device (--device=opencl or --device=cuda) against the
+// double-precision oracle and against the CPU kernel. Where the device is not
+// there (no driver, no GPU, no OpenCL platform) the program exits 77, which
+// ctest reports as skipped, not passed.
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <dlfcn.h>
+#include <sys/resource.h>
+
+#include <cstring>
+#include <iostream>
+
+#include <HalideRuntime.h>
+
+#include "support.hpp"
+
+using namespace attend;
+using namespace attend::test;
+
+namespace {
+
+Device g_device = Device::OpenCL;
+
+// The kernels of the device under test that run (d, dv): every variant built for
+// d == dv, else the one select_kernel picks (a larger head dim, padded).
+std::vector<std::string> kernels_for(int64_t d, int64_t dv) {
+    std::vector<std::string> names;
+    for (const auto &k : available_kernels()) {
+        if (k.device == g_device && k.head_dim == d && d == dv) names.push_back(k.name);
+    }
+    if (names.empty()) {
+        auto chosen = select_kernel(g_device, DType::Float32, d, dv, {});
+        REQUIRE(chosen);
+        names.push_back(chosen->name);
+    }
+    return names;
+}
+
+std::string describe(const ProblemSpec &s, const Options &o) {
+    std::ostringstream text;
+    text << "b=" << s.b << " h=" << s.h << " kv_heads=" << s.kv_heads << " n=" << s.n << " m=" << s.m << " d=" << s.d
+         << " dv=" << s.dv << " mask=" << s.mask << " causal=" << o.causal
+         << (o.causal_align == CausalAlign::BottomRight ? " bottom-right" : "");
+    return text.str();
+}
+
+// Every kernel of the device that runs the problem, against the oracle.
+void check_gpu(const ProblemSpec &spec, Options options = {}) {
+    auto expected = make_problem(spec, options).expected();
+    for (const auto &name : kernels_for(spec.d, spec.dv)) {
+        INFO(name << " " << describe(spec, options));
+        auto p = make_problem(spec, options);
+        p.options.device = g_device;
+        p.options.kernel = name;
+        check_against_reference(p, expected);
+    }
+}
+
+const int64_t kSizes[] = {1, 7, 33, 100, 257};
+
+
+}  // namespace
+
+TEST_CASE("the device has a kernel for each specialised head dim, and select_kernel picks one") {
+    for (int64_t d : {32, 64, 80, 128}) {
+        auto chosen = select_kernel(g_device, DType::Float32, d, d, {});
+        REQUIRE(chosen);
+        CHECK(chosen->device == g_device);
+        CHECK(chosen->head_dim == d);
+    }
+    // Other head dims run in the next larger kernel; beyond the largest there is none.
+    CHECK(select_kernel(g_device, DType::Float32, 40, 24, {})->head_dim == 64);
+    std::string why;
+    CHECK_FALSE(select_kernel(g_device, DType::Float32, 256, 256, {}, &why));
+    CHECK(why.find("d=256") != std::string::npos);
+}
+
+TEST_CASE("sizes that are not multiples of the tiles") {
+    for (int64_t d : {32, 64, 80, 128}) {
+        for (int64_t n : kSizes) {
+            for (int64_t m : kSizes) {
+                if (n * m >= 257 * 100 && d != 64) continue;  // the largest pairs at one head dim
+                ProblemSpec spec = spec_of(2, 2, n, m, d);
+                spec.seed = uint32_t(n * 131 + m * 7 + d);
+                check_gpu(spec);
+            }
+        }
+    }
+}
+
+TEST_CASE("padding mask, causal, both, and bottom-right causal") {
+    for (int64_t d : {64, 128}) {
+        for (auto [n, m] : {std::pair<int64_t, int64_t>{65, 65}, {63, 200}, {200, 63}, {1, 300}, {7, 130}}) {
+            ProblemSpec spec = spec_of(2, 2, n, m, d);
+            spec.mask = true;
+            check_gpu(spec);
+            Options causal;
+            causal.causal = true;
+            check_gpu(spec, causal);
+            Options bottom_right = causal;
+            bottom_right.causal_align = CausalAlign::BottomRight;
+            check_gpu(spec, bottom_right);
+            spec.mask = false;
+            check_gpu(spec, causal);
+            check_gpu(spec, bottom_right);
+        }
+    }
+}
+
+TEST_CASE("fully masked rows get the mean of v, with and without causal") {
+    ProblemSpec spec = spec_of(2, 2, 40, 70, 64);
+    spec.mask = true;
+    spec.mask_keep = 0.0;  // every key masked
+    check_gpu(spec);
+    Options causal;
+    causal.causal = true;
+    check_gpu(spec, causal);
+}
+
+TEST_CASE("multi-query, grouped-query, d != dv and other head dims (padded), any strides") {
+    ProblemSpec spec = spec_of(2, 4, 50, 90, 64);
+    spec.kv_heads = 0;  // multi-query
+    check_gpu(spec);
+    spec.kv_heads = 2;  // grouped-query
+    check_gpu(spec);
+    for (auto [d, dv] : {std::pair<int64_t, int64_t>{64, 32}, {40, 24}, {16, 16}, {100, 128}}) {
+        spec.d = d;
+        spec.dv = dv;
+        check_gpu(spec);
+    }
+    spec.d = spec.dv = 64;
+    spec.q_order = {0, 2, 1, 3};  // [b, n, h, d] memory
+    spec.out_order = {0, 2, 1, 3};
+    spec.kv_order = {2, 0, 1, 3};
+    check_gpu(spec);
+}
+
+TEST_CASE("keys in parallel chunks: any number of chunks gives the one-pass result") {
+    // Chunks past the causal diagonal are empty, and a fully masked row's chunks
+    // each hold part of its uniform weights: both must merge exactly.
+    for (int splits : {1, 2, 3, 8, 64}) {
+        ProblemSpec spec = spec_of(2, 2, 70, 300, 64);
+        spec.mask = true;
+        spec.mask_keep = 0.5;
+        Options options;
+        options.key_splits = splits;
+        check_gpu(spec, options);
+        options.causal = true;
+        check_gpu(spec, options);
+        spec.mask_keep = 0.0;
+        check_gpu(spec, options);
+    }
+}
+
+TEST_CASE("dropout: the same weights are dropped as on the CPU, and the result matches the oracle") {
+    // With v the identity (m == dv), out[i][j] is the weight of key j: zero exactly
+    // where the key was dropped, so the zero patterns are the dropout masks.
+    ProblemSpec spec = spec_of(2, 3, 70, 64, 64);
+    Options options;
+    options.training = true;
+    options.dropout = 0.3f;
+    options.seed = 0x1234567890abcdefULL;
+    for (bool causal : {false, true}) {
+        options.causal = causal;
+        auto gpu = make_problem(spec, options);
+        std::fill(gpu.v.storage.begin(), gpu.v.storage.end(), 0.0f);
+        for (int64_t b = 0; b < spec.b; b++)
+            for (int64_t h = 0; h < spec.h; h++)
+                for (int64_t j = 0; j < spec.m; j++) gpu.v.at({b, h, j, j}) = 1.0f;
+        auto cpu = gpu;
+        cpu.options.device = Device::CPU;
+        gpu.options.device = g_device;
+        auto expected = gpu.expected();
+        check_against_reference(gpu, expected);
+        cpu.run();
+        auto on_gpu = gpu.out.dense(), on_cpu = cpu.out.dense();
+        int64_t dropped = 0, differing = 0;
+        for (size_t e = 0; e < on_gpu.size(); e++) {
+            dropped += on_gpu[e] == 0.0f;
+            differing += (on_gpu[e] == 0.0f) != (on_cpu[e] == 0.0f);
+        }
+        INFO("causal=" << causal << " dropped " << dropped << " of " << on_gpu.size());
+        CHECK(differing == 0);
+        CHECK(dropped > int64_t(on_gpu.size()) / 4);  // p = 0.3 (causal: plus the masked keys)
+    }
+}
+
+TEST_CASE("Halide buffers with a device allocation stay on the device") {
+    const int d = 64, n = 45, m = 80, h = 2, b = 1;
+    auto p = make_problem(spec_of(b, h, n, m, d), {});
+    auto expected = p.expected();
+    auto to_halide = [](Tensor<float> &t) {
+        std::vector<int> shape(t.shape.rbegin(), t.shape.rend());
+        Halide::Runtime::Buffer<float> buffer(shape);
+        auto dense = t.dense();
+        std::copy(dense.begin(), dense.end(), buffer.data());
+        buffer.set_host_dirty();
+        REQUIRE(buffer.copy_to_device(device_interface(g_device)) == 0);
+        return buffer;
+    };
+    auto q = to_halide(p.q), k = to_halide(p.k), v = to_halide(p.v);
+    Halide::Runtime::Buffer<void> out = to_halide(p.out);
+    std::fill(static_cast<float *>(out.data()), static_cast<float *>(out.data()) + out.number_of_elements(), NAN);
+    Options options;
+    options.device = g_device;
+    forward(q, k, v, Halide::Runtime::Buffer<const void>(), out, options);
+    CHECK(out.raw_buffer()->device_dirty());  // the result is on the device, the host copy is stale
+    REQUIRE(out.copy_to_host() == 0);
+    std::vector<float> got(static_cast<float *>(out.data()), static_cast<float *>(out.data()) + out.number_of_elements());
+    auto c = compare(got, expected);
+    CHECK(c.not_finite == 0);
+    CHECK(c.max_error <= fp32_tolerance(p));
+}
+
+// The CUDA driver calls a caller makes (what the CUDA runtime API and PyTorch do
+// underneath): memory in the device's primary context, and a stream of its own.
+struct CallerCuda {
+    void *library = dlopen("libcuda.so.1", RTLD_NOW);
+    template <class F>
+    F get(const char *name) {
+        void *symbol = library ? dlsym(library, name) : nullptr;
+        REQUIRE_MESSAGE(symbol, "libcuda has no " << name);
+        return reinterpret_cast<F>(symbol);
+    }
+};
+
+TEST_CASE("CUDA: device pointers of the caller's primary context, ordered on the caller's stream") {
+    if (g_device != Device::CUDA) return;
+    CallerCuda cuda;
+    using CUdeviceptr = unsigned long long;
+    auto cuDeviceGet = cuda.get<int (*)(int *, int)>("cuDeviceGet");
+    auto cuDevicePrimaryCtxRetain = cuda.get<int (*)(void **, int)>("cuDevicePrimaryCtxRetain");
+    auto cuCtxSetCurrent = cuda.get<int (*)(void *)>("cuCtxSetCurrent");
+    auto cuMemAlloc = cuda.get<int (*)(CUdeviceptr *, size_t)>("cuMemAlloc_v2");
+    auto cuMemFree = cuda.get<int (*)(CUdeviceptr)>("cuMemFree_v2");
+    auto cuMemcpyHtoD = cuda.get<int (*)(CUdeviceptr, const void *, size_t)>("cuMemcpyHtoD_v2");
+    auto cuMemcpyDtoH = cuda.get<int (*)(void *, CUdeviceptr, size_t)>("cuMemcpyDtoH_v2");
+    auto cuStreamCreate = cuda.get<int (*)(void **, unsigned)>("cuStreamCreate");
+    auto cuStreamSynchronize = cuda.get<int (*)(void *)>("cuStreamSynchronize");
+    auto cuStreamDestroy = cuda.get<int (*)(void *)>("cuStreamDestroy_v2");
+    int device = 0;
+    void *context = nullptr, *stream = nullptr;
+    REQUIRE(cuDeviceGet(&device, 0) == 0);
+    REQUIRE(cuDevicePrimaryCtxRetain(&context, device) == 0);
+    REQUIRE(cuCtxSetCurrent(context) == 0);
+    REQUIRE(cuStreamCreate(&stream, 1 /* non-blocking: not ordered with the default stream */) == 0);
+
+    ProblemSpec spec = spec_of(2, 4, 300, 257, 64);
+    spec.kv_heads = 2;
+    spec.mask = true;
+    Options options;
+    options.causal = true;
+    auto p = make_problem(spec, options);
+    auto expected = p.expected();
+    auto upload = [&](auto &tensor, DLTensor &dl) {
+        auto dense = tensor.dense();
+        CUdeviceptr at = 0;
+        REQUIRE(cuMemAlloc(&at, dense.size() * sizeof(dense[0])) == 0);
+        REQUIRE(cuMemcpyHtoD(at, dense.data(), dense.size() * sizeof(dense[0])) == 0);
+        dl = tensor.dl();
+        dl.strides = nullptr;  // the device copy is dense
+        dl.byte_offset = 0;
+        dl.data = reinterpret_cast<void *>(at);
+        dl.device = {kDLCUDA, 0};
+        return at;
+    };
+    DLTensor q, k, v, mask, out;
+    CUdeviceptr allocations[] = {upload(p.q, q), upload(p.k, k), upload(p.v, v), upload(*p.mask, mask),
+                                 upload(p.out, out)};
+    options.cuda_stream = stream;
+    forward(q, k, v, &mask, out, options);  // device selected by where the tensors are
+    REQUIRE(cuStreamSynchronize(stream) == 0);
+    std::vector<float> got(size_t(p.out.numel()));
+    REQUIRE(cuMemcpyDtoH(got.data(), allocations[4], got.size() * sizeof(float)) == 0);
+    auto c = compare(got, expected);
+    CHECK(c.not_finite == 0);
+    CHECK(c.max_error <= fp32_tolerance(p));
+
+    // Asking for the CPU with tensors on the GPU is an error naming the option.
+    options.device = Device::CPU;
+    CHECK_THROWS_WITH_AS(forward(q, k, v, &mask, out, options), doctest::Contains("options.device"),
+                         std::invalid_argument);
+    for (CUdeviceptr at : allocations) cuMemFree(at);
+    cuStreamDestroy(stream);
+}
+
+TEST_CASE("no n x m buffer: a size whose scores exceed the memory budget runs within it") {
+    if (g_device != Device::OpenCL) return;  // PoCL's device memory is this process's memory; CUDA: bench/gpu_check.sh
+    // n = m = 8192: the scores alone would take 256 MiB; inputs and output take 4 MiB.
+    const int64_t n = 8192, d = 32;
+    const double budget_mib = 64;
+    auto warm = make_problem(spec_of(1, 1, 64, 64, d), {});
+    warm.options.device = g_device;
+    warm.run();  // loads the OpenCL platform and compiles the kernel
+    auto p = make_problem(spec_of(1, 1, n, n, d), {});
+    p.options.device = g_device;
+    p.options.causal = true;  // half the work, the same footprint
+    rusage before{}, after{};
+    getrusage(RUSAGE_SELF, &before);
+    p.run();
+    getrusage(RUSAGE_SELF, &after);
+    const double grown_mib = double(after.ru_maxrss - before.ru_maxrss) / 1024.0;
+    INFO("peak RSS grew by " << grown_mib << " MiB");
+    CHECK(grown_mib < budget_mib);
+    for (int64_t row : {int64_t(0), n / 2, n - 1}) {  // spot checks against the oracle, a row at a time
+        auto out = p.out.dense();
+        reference::Shape one{1, 1, 1, 1, row + 1, d, d};
+        auto q_row = p.q.dense();
+        auto k_all = p.k.dense(), v_all = p.v.dense();
+        Options o;
+        auto expected = reference::forward(one, q_row.data() + row * d, k_all.data(), v_all.data(), nullptr, o);
+        for (int64_t c = 0; c < d; c++) CHECK(std::fabs(out[size_t(row * d + c)] - expected[size_t(c)]) < 1e-4);
+    }
+}
+
+int main(int argc, char **argv) {
+    std::vector<char *> args;
+    bool listing = false;
+    for (int i = 0; i < argc; i++) {
+        if (std::strcmp(argv[i], "--device=cuda") == 0) {
+            g_device = Device::CUDA;
+        } else if (std::strcmp(argv[i], "--device=opencl") == 0) {
+            g_device = Device::OpenCL;
+        } else {
+            listing = listing || std::strncmp(argv[i], "--list", 6) == 0 || std::strncmp(argv[i], "-ltc", 4) == 0;
+            args.push_back(argv[i]);
+        }
+    }
+    if (!listing) {
+        // Is the device there? One small call says, with the reason if not.
+        auto probe = make_problem(spec_of(1, 1, 4, 4, 32), {});
+        probe.options.device = g_device;
+        try {
+            probe.run();
+        } catch (const attend::Error &e) {
+            std::cout << "SKIPPED: no usable " << to_string(g_device) << " device: " << e.what() << "\n";
+            return 77;
+        }
+    }
+    doctest::Context context(int(args.size()), args.data());
+    return context.run();
+}
