@@ -7,8 +7,10 @@
 // The algorithm is flash attention written with pure Funcs: the keys are split
 // into blocks of `key_block`; per query row and block three partials are pure
 // (block max, block sum of weights, block weighted sum of v), and a Tuple-valued
-// update over the blocks merges them with the log-sum-exp rule. Scores are kept
-// in log2 units (q is scaled once by scale * log2(e)) so the softmax uses 2^x.
+// update over the blocks merges them with the log-sum-exp rule. The blocks may be
+// cut into chunks whose states are merged by the same rule (a GPU runs the chunks
+// in parallel). Scores are kept in log2 units (q is scaled once by
+// scale * log2(e)) so the softmax uses 2^x.
 #include <cfloat>
 #include <vector>
 
@@ -182,8 +184,8 @@ private:
             Expr old_factor = exp2_nonpositive(st[0] - m_new);
             Expr part_factor = exp2_nonpositive(part_max - m_new);
             std::vector<Expr> next{m_new, st[1] * old_factor + part_sum * part_factor};
-            for (size_t e = 0; e < part_outs.size(); e++) {
-                next.push_back(st[2 + e] * old_factor + part_outs[e] * part_factor);
+            for (size_t column = 0; column < part_outs.size(); column++) {
+                next.push_back(st[2 + column] * old_factor + part_outs[column] * part_factor);
             }
             return Tuple(next);
         };
@@ -213,8 +215,8 @@ private:
                 outs.push_back(block_out(ii, column, block, io, hq, bb));
             }
             state(ii, split, io, hq, bb) = merge(state(ii, split, io, hq, bb), mb, lb, outs);
-            // A chunk's state as one buffer (element e innermost-but-one): a GPU
-            // passes it between its two kernels.
+            // A chunk's state as one Func over its elements e (a GPU keeps it in one
+            // buffer between its two kernels).
             partial(e, ii, split, io, hq, bb) = mux(e, Tuple(state(ii, split, io, hq, bb)).as_vector());
             auto part = [&](int element) { return partial(element, ii, splits, io, hq, bb); };
             std::vector<Expr> part_outs;
