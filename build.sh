@@ -7,6 +7,8 @@
 #   ./build.sh test    run the whole test suite (ctest), then again with the runtime,
 #                      CLI and tests built under AddressSanitizer + UBSan (build-sanitize/)
 #   ./build.sh bench   run the CPU benchmark (GFLOP/s and fraction of the FMA peak)
+#   ./build.sh fuzz [SECONDS]  build the libFuzzer harnesses with clang (build-fuzz/), replay
+#                      their saved corpus, then fuzz each for SECONDS (default 600)
 #   ./build.sh         just build
 # Every step is idempotent: a second run installs nothing and rebuilds only what changed.
 set -euo pipefail
@@ -16,7 +18,7 @@ VENV="$ROOT/.venv"
 BUILD="${ATTEND_BUILD_DIR:-$ROOT/build}"
 # pocl-opencl-icd: an OpenCL device on the CPU, so the GPU schedule is tested without a GPU.
 APT_PACKAGES=(g++ python3 python3-venv doctest-dev libdlpack-dev nlohmann-json3-dev libcli11-dev libbenchmark-dev
-              ocl-icd-opencl-dev pocl-opencl-icd)
+              ocl-icd-opencl-dev pocl-opencl-icd clang libclang-rt-dev)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
@@ -64,6 +66,29 @@ build() {
     "$VENV/bin/cmake" --build "$dir"
 }
 
+# fuzz SECONDS: the saved corpus as regression inputs, then SECONDS of fuzzing per
+# harness (new inputs go to a scratch copy; the saved corpus stays as it is).
+run_fuzz() {
+    local seconds="$1" fuzz="$ROOT/build-fuzz"
+    CC=clang CXX=clang++ build "$fuzz" -DATTEND_FUZZ=ON -DATTEND_SANITIZE=address,undefined,fuzzer-no-link \
+        -DATTEND_CUDA=OFF -DATTEND_OPENCL=OFF -DATTEND_BUILD_TESTS=OFF -DATTEND_BUILD_BENCH=OFF
+    for harness in forward npy; do
+        local corpus="$ROOT/tests/fuzz/corpus/$harness" scratch="$fuzz/corpus/$harness"
+        mkdir -p "$scratch"
+        say "fuzz_$harness: replaying $(ls "$corpus" | wc -l) saved inputs, then fuzzing ${seconds} s"
+        "$fuzz/tests/fuzz/fuzz_$harness" -runs=0 "$corpus" >"$fuzz/replay_$harness.log" 2>&1 ||
+            { tail -n 40 "$fuzz/replay_$harness.log" >&2; return 1; }
+        local log="$fuzz/fuzz_$harness.log"
+        if ! "$fuzz/tests/fuzz/fuzz_$harness" -max_total_time="$seconds" -print_final_stats=1 \
+            -artifact_prefix="$fuzz/" "$scratch" "$corpus" >"$log" 2>&1; then
+            tail -n 40 "$log" >&2
+            echo "fuzz_$harness found a problem: the input is saved as $fuzz/crash-* (log: $log)" >&2
+            return 1
+        fi
+        grep -E '^(Done|stat::number_of_executed_units)' "$log"
+    done
+}
+
 run_tests() {
     "$VENV/bin/ctest" --test-dir "$BUILD" --output-on-failure -j "$(nproc)"
     # The same suite with the project's own code under ASan + UBSan. The consumer
@@ -72,6 +97,8 @@ run_tests() {
     build "$sanitize" -DATTEND_SANITIZE=address,undefined -DATTEND_BUILD_BENCH=OFF
     say "test suite under AddressSanitizer + UndefinedBehaviorSanitizer"
     "$VENV/bin/ctest" --test-dir "$sanitize" --output-on-failure -j "$(nproc)" -E install_and_consume
+    # A short bounded fuzzing run of the API and the .npy reader (ASan + UBSan).
+    run_fuzz 30
 }
 
 install_debian_packages
@@ -86,5 +113,6 @@ case "${1:-build}" in
         shift
         "$BUILD/bench/attend_bench" --benchmark_repetitions=5 --benchmark_enable_random_interleaving=true \
             --benchmark_report_aggregates_only=true "$@" ;;
-    *) echo "usage: $0 [build|demo|test|bench]" >&2; exit 2 ;;
+    fuzz) run_fuzz "${2:-600}" ;;
+    *) echo "usage: $0 [build|demo|test|bench|fuzz [SECONDS]]" >&2; exit 2 ;;
 esac

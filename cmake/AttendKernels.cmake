@@ -30,7 +30,8 @@ function(attend_add_kernel NAME)
     # Each target's function is also called directly when a call caps the CPU
     # instruction set (Options::cpu_isa): Halide's multi-target wrapper picks one
     # target on its first call and keeps it. Those functions are named
-    # <name>-<target>-no_runtime, which C++ reaches through an asm label.
+    # <name>-<target>-no_runtime, which C++ reaches through an asm label
+    # (ATTEND_SYMBOL, defined in runtime/kernels.cpp).
     set(device_names cpu CPU cuda CUDA opencl OpenCL)
     list(FIND device_names "${ARG_DEVICE}" at)
     math(EXPR at "${at} + 1")
@@ -53,7 +54,7 @@ function(attend_add_kernel NAME)
         else ()
             string(MAKE_C_IDENTIFIER "${NAME}_${target}" function)
             string(APPEND declarations
-                   "extern \"C\" int ${function} ATTEND_KERNEL_PARAMS __asm__(\"\\\"${NAME}-${target}-no_runtime\\\"\");\n")
+                   "extern \"C\" int ${function} ATTEND_KERNEL_PARAMS ATTEND_SYMBOL(\"${NAME}-${target}-no_runtime\");\n")
             string(APPEND by_isa " ATTEND_ISA(${isa}, ${function})")
         endif ()
     endforeach ()

@@ -1,5 +1,7 @@
 // The kernels of this build, the one function that chooses among them, and the
 // hook that turns Halide's runtime errors into exceptions.
+#include <cpuid.h>
+
 #include <algorithm>
 #include <mutex>
 #include <vector>
@@ -13,6 +15,13 @@
     (const void *user_context, halide_buffer_t *q, halide_buffer_t *k, halide_buffer_t *v, halide_buffer_t *mask, \
      float scale, bool causal, bool has_mask, uint32_t drop_threshold, float keep_scale, uint32_t seed_lo,      \
      uint32_t seed_hi, int32_t causal_offset, int32_t all_keys_rows, int32_t key_splits, halide_buffer_t *out)
+// The per-target functions have '-' in their names: an asm label reaches them
+// (GCC passes it to the assembler, which needs it quoted; clang takes it as is).
+#if defined(__clang__)
+#define ATTEND_SYMBOL(name) __asm__(name)
+#else
+#define ATTEND_SYMBOL(name) __asm__("\"" name "\"")
+#endif
 #include "attend_kernels.inc"  // generated: kernel headers, per-target functions, ATTEND_KERNEL_TABLE
 #include "internal.hpp"
 
@@ -274,6 +283,14 @@ std::vector<KernelInfo> available_kernels() {
     return all;
 }
 
+namespace {
+// F16C (CPUID leaf 1, ECX bit 29): clang's __builtin_cpu_supports does not know it.
+bool cpu_has_f16c() {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
+}
+}  // namespace
+
 std::vector<CpuIsa> supported_cpu_isas() {
     __builtin_cpu_init();
     std::vector<CpuIsa> isas{CpuIsa::Auto};
@@ -282,7 +299,7 @@ std::vector<CpuIsa> supported_cpu_isas() {
         __builtin_cpu_supports("avx512vl")) {
         isas.push_back(CpuIsa::AVX512);
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c() &&
         __builtin_cpu_supports("sse4.1")) {
         isas.push_back(CpuIsa::AVX2);
     }
@@ -340,8 +357,9 @@ double flop_count(int64_t b, int64_t h, int64_t n, int64_t m, int64_t d, int64_t
 
 namespace detail {
 
-void run(const Problem &p, const Options &options) {
-    std::string why_not;
+// The kernel a call runs: the one options.kernel names (checked against the call),
+// else select_kernel's choice.
+const KernelEntry &choose_kernel(const Problem &p, const Options &options) {
     const KernelEntry *kernel = nullptr;
     if (!options.kernel.empty()) {
         kernel = find_kernel(options.kernel);
@@ -359,10 +377,37 @@ void run(const Problem &p, const Options &options) {
                                         to_string(p.device) + " (set options.device, or move the tensors)");
         }
     } else {
+        std::string why_not;
         auto chosen = select_kernel(p.device, DType::Float32, p.d, p.dv, p.features, &why_not);
         if (!chosen) throw std::invalid_argument("attend: unsupported call: " + why_not);
         kernel = find_kernel(chosen->name);
     }
+    return *kernel;
+}
+
+// Causal: rows whose keys up to the diagonal are all masked (i + offset below a
+// batch's first unmasked key, or below 0) get uniform weights over every key, so
+// their tiles visit every key block; the others skip blocks above the diagonal.
+// A mask only on the device is not scanned: every tile visits every block.
+int64_t all_keys_rows_of(const Problem &p) {
+    int64_t first_unmasked = 0;
+    if (p.features.causal && p.features.mask) {
+        if (host_readable(p.mask)) {
+            const auto *bytes = static_cast<const uint8_t *>(p.mask.data);
+            for (int64_t b = 0; b < p.b; b++) {
+                int64_t first = 0;
+                while (first < p.m && bytes[b * p.mask.strides[0] + first * p.mask.strides[1]] == 0) first++;
+                first_unmasked = std::max(first_unmasked, first);
+            }
+        } else {
+            first_unmasked = p.m + p.n;
+        }
+    }
+    return std::clamp(first_unmasked - p.causal_offset, int64_t(0), p.n);
+}
+
+void run(const Problem &p, const Options &options) {
+    const KernelEntry *kernel = &choose_kernel(p, options);
     KernelFn function = kernel->device == Device::CPU ? function_for(*kernel, options.cpu_isa) : kernel->dispatch;
     if (!function) {
         throw std::invalid_argument(std::string("attend: options.cpu_isa: ") + kernel->name + " has no " +
@@ -398,24 +443,7 @@ void run(const Problem &p, const Options &options) {
         mask.shape[0] = p.b;
         mask.shape[1] = p.m;
     }
-    // Causal: rows whose keys up to the diagonal are all masked (i + offset below a
-    // batch's first unmasked key, or below 0) get uniform weights over every key,
-    // so their tiles visit every key block; the others skip blocks above the diagonal.
-    // A mask only on the device is not scanned: every tile visits every block.
-    int64_t first_unmasked = 0;
-    if (p.features.causal && p.features.mask) {
-        if (host_readable(p.mask)) {
-            const auto *bytes = static_cast<const uint8_t *>(p.mask.data);
-            for (int64_t b = 0; b < p.b; b++) {
-                int64_t first = 0;
-                while (first < p.m && bytes[b * p.mask.strides[0] + first * p.mask.strides[1]] == 0) first++;
-                first_unmasked = std::max(first_unmasked, first);
-            }
-        } else {
-            first_unmasked = p.m + p.n;
-        }
-    }
-    const int64_t all_keys_rows = std::clamp(first_unmasked - p.causal_offset, int64_t(0), p.n);
+    const int64_t all_keys_rows = all_keys_rows_of(p);
     const halide_type_t f32(halide_type_float, 32), u8(halide_type_uint, 8);
     KernelBuffer q_buf(q, f32), k_buf(k, f32), v_buf(v, f32), mask_buf(mask, u8), out_buf(out, f32);
 
