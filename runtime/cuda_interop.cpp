@@ -37,7 +37,7 @@ struct Driver {
 std::mutex driver_lock;
 Driver driver{};
 std::string driver_problem;           // why the driver is unusable; empty when it is
-bool driver_loaded = false;
+int device_count = 0;
 std::map<int, CUcontext> primary;     // retained primary contexts, kept for the process
 
 std::string error_name(CUresult r) {
@@ -47,7 +47,6 @@ std::string error_name(CUresult r) {
 }
 
 void load_driver() {
-    driver_loaded = true;
     void *library = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
     if (!library) {
         const char *why = dlerror();
@@ -65,7 +64,11 @@ void load_driver() {
     get(driver.cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain");
     get(driver.cuGetErrorName, "cuGetErrorName");
     if (!driver_problem.empty()) return;
-    if (CUresult r = driver.cuInit(0)) driver_problem = "cuInit failed: " + error_name(r) + " (no usable GPU?)";
+    if (CUresult r = driver.cuInit(0)) {
+        driver_problem = "cuInit failed: " + error_name(r) + " (no usable GPU?)";
+    } else if (CUresult r = driver.cuDeviceGetCount(&device_count)) {
+        driver_problem = "cuDeviceGetCount failed: " + error_name(r);
+    }
 }
 
 // Halide hooks. They run inside kernel calls (any thread), and return Halide
@@ -112,23 +115,22 @@ int get_stream(void *user_context, void *, void **stream) {
 }  // namespace
 
 void prepare_cuda(int device) {
-    std::lock_guard<std::mutex> guard(driver_lock);
-    if (!driver_loaded) {
+    // Once per process: the driver, the device count and the hooks. Each call
+    // after that only reads what they left.
+    static std::once_flag once;
+    std::call_once(once, [] {
+        std::lock_guard<std::mutex> guard(driver_lock);
         load_driver();
         if (driver_problem.empty()) {
             halide_set_cuda_acquire_context(acquire_context);
             halide_set_cuda_release_context(release_context);
             halide_set_cuda_get_stream(get_stream);
         }
-    }
+    });
     if (!driver_problem.empty()) throw Error("attend: CUDA: " + driver_problem);
-    int count = 0;
-    if (CUresult r = driver.cuDeviceGetCount(&count)) {
-        throw Error("attend: CUDA: cuDeviceGetCount failed: " + error_name(r));
-    }
-    if (device < 0 || device >= count) {
+    if (device < 0 || device >= device_count) {
         throw Error("attend: CUDA: device " + std::to_string(device) + " does not exist (this machine has " +
-                    std::to_string(count) + " CUDA device" + (count == 1 ? "" : "s") + ")");
+                    std::to_string(device_count) + " CUDA device" + (device_count == 1 ? "" : "s") + ")");
     }
 }
 

@@ -26,6 +26,10 @@ struct TensorView {
 };
 
 TensorView view_of(const char *name, const DLTensor &t);
+
+// Where a tensor's data is, as a kernel device: CPU for host memory (cpu and
+// cuda-host), Auto for a device attend does not run on.
+Device location(const TensorView &t);
 TensorView view_of(const char *name, const halide_buffer_t &b);
 
 // A call that passed validation: every field is consistent and in range.
@@ -60,8 +64,8 @@ struct CallContext {
     void *cuda_stream = nullptr;
 };
 
-// CUDA: loads the driver (libcuda.so.1) and checks that `device` exists, once per
-// process and device; throws attend::Error saying what is missing. Also installs
+// CUDA: loads the driver (libcuda.so.1) once per process, and checks that `device`
+// exists; throws attend::Error saying what is missing. Also installs
 // the hooks that make Halide use the caller's current context (else the
 // device's primary context, as the CUDA runtime API does) and the call's stream.
 void prepare_cuda(int device);

@@ -167,9 +167,9 @@ struct KernelBuffer {
     }
 };
 
-// A dense host copy of t (any strides) whose last dim is widened to `width` with
-// zeros: zero columns of q and k add nothing to a score, and those of v give
-// output columns that unpad_into drops.
+// A dense host copy (C order) of t (any strides) whose last dim is widened to
+// `width` with zeros: zero columns of q and k add nothing to a score, and those
+// of v give output columns that unpad_into drops. copy=false: zeros only.
 detail::TensorView padded(const detail::TensorView &t, int64_t width, std::vector<float> &storage, bool copy = true) {
     detail::TensorView wide = t;
     wide.halide = nullptr;
@@ -218,30 +218,14 @@ int32_t key_splits_for(const KernelEntry &kernel, const detail::Problem &p, cons
 
 // Whether the runtime can read a tensor's data on the host.
 bool host_readable(const detail::TensorView &t) {
-    return t.data && (t.device.device_type == kDLCPU || t.device.device_type == kDLCUDAHost) && !t.on_device_only;
+    return t.data && detail::location(t) == Device::CPU && !t.on_device_only;
 }
 
 // k and v are read in the kernels' hot loops, which need their head dim dense:
 // a strided one is copied to dense memory (C order), once per call.
 detail::TensorView dense_head_dim(const detail::TensorView &t, std::vector<float> &storage) {
     if (t.strides[3] == 1 || t.shape[3] <= 1) return t;
-    detail::TensorView dense = t;
-    dense.halide = nullptr;  // a new host copy: the caller's device state does not apply
-    storage.resize(size_t(t.shape[0] * t.shape[1] * t.shape[2] * t.shape[3]));
-    dense.data = storage.data();
-    int64_t stride = 1;
-    for (int i = 3; i >= 0; i--) {
-        dense.strides[i] = stride;
-        stride *= t.shape[i];
-    }
-    const float *src = static_cast<const float *>(t.data);
-    size_t at = 0;
-    for (int64_t a = 0; a < t.shape[0]; a++)
-        for (int64_t b = 0; b < t.shape[1]; b++)
-            for (int64_t c = 0; c < t.shape[2]; c++)
-                for (int64_t e = 0; e < t.shape[3]; e++)
-                    storage[at++] = src[a * t.strides[0] + b * t.strides[1] + c * t.strides[2] + e * t.strides[3]];
-    return dense;
+    return padded(t, t.shape[3], storage);
 }
 
 }  // namespace
@@ -417,9 +401,12 @@ void run(const Problem &p, const Options &options) {
     if (kernel->device == Device::CUDA) prepare_cuda(p.device_id);
 
     std::vector<float> q_storage, k_storage, v_storage, out_storage;
-    TensorView q = p.q, k = dense_head_dim(p.k, k_storage), v = dense_head_dim(p.v, v_storage), out = p.out;
+    TensorView q = p.q, k = p.k, v = p.v, out = p.out;
     const bool pad = kernel->head_dim != 0 && !fits(*kernel, p.d, p.dv);
-    if (pad) {
+    if (!pad) {
+        k = dense_head_dim(p.k, k_storage);
+        v = dense_head_dim(p.v, v_storage);
+    } else {
         if (!host_readable(p.q) || !host_readable(p.k) || !host_readable(p.v) || !host_readable(p.out)) {
             throw std::invalid_argument(std::string("attend: q: ") + kernel->name + " runs d = dv = " +
                                         std::to_string(kernel->head_dim) + "; other head dims (d=" +
@@ -427,8 +414,8 @@ void run(const Problem &p, const Options &options) {
                                         ") are padded on the host, so they need host tensors");
         }
         q = padded(p.q, kernel->head_dim, q_storage);
-        k = padded(k, kernel->head_dim, k_storage);
-        v = padded(v, kernel->head_dim, v_storage);
+        k = padded(p.k, kernel->head_dim, k_storage);
+        v = padded(p.v, kernel->head_dim, v_storage);
         out = padded(p.out, kernel->head_dim, out_storage, /*copy=*/false);
     }
     // Without a mask the kernels still take one, never read: a single byte seen as

@@ -50,17 +50,6 @@ std::string device_string(DLDevice d) {
 bool is_float32(DLDataType t) { return t.code == kDLFloat && t.bits == 32 && t.lanes == 1; }
 bool is_mask_type(DLDataType t) { return (t.code == kDLBoolCode || t.code == kDLUInt) && t.bits == 8 && t.lanes == 1; }
 
-// Where a tensor's data is, as a kernel device (CPU: host memory).
-Device location(const TensorView &t) {
-    switch (t.device.device_type) {
-    case kDLCPU:
-    case kDLCUDAHost: return Device::CPU;
-    case kDLCUDA: return Device::CUDA;
-    case kDLOpenCL: return Device::OpenCL;
-    default: return Device::Auto;  // unsupported, rejected in check_device
-    }
-}
-
 int64_t element_count(const TensorView &t) {
     int64_t count = 1;
     for (int i = 0; i < t.ndim; i++) count *= t.shape[i];
@@ -230,6 +219,16 @@ Device check_device(const std::vector<const TensorView *> &tensors, const Option
 }
 
 }  // namespace
+
+Device location(const TensorView &t) {
+    switch (t.device.device_type) {
+    case kDLCPU:
+    case kDLCUDAHost: return Device::CPU;
+    case kDLCUDA: return Device::CUDA;
+    case kDLOpenCL: return Device::OpenCL;
+    default: return Device::Auto;  // unsupported, rejected by validation
+    }
+}
 
 TensorView view_of(const char *name, const DLTensor &t) {
     TensorView v;
