@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <random>
 #include <sstream>
@@ -87,7 +88,7 @@ DLTensor dense_dl(void *data, std::vector<int64_t> &shape, DLDataType dtype) {
 // ---- attend run ---------------------------------------------------------------
 
 struct RunArgs {
-    std::string q, k, v, out, mask, device = "cpu", kernel, isa = "auto", causal_align = "top-left";
+    std::string q, k, v, out, lse, mask, device = "cpu", kernel, isa = "auto", causal_align = "top-left";
     bool causal = false;
     std::optional<float> scale, dropout;
     uint64_t seed = 0;
@@ -112,6 +113,13 @@ int run_command(const RunArgs &a) {
     out.dtype = npy::DType::Float32;
     out.shape = {q.shape[0], q.shape[1], q.shape[2], v.shape.back()};
     out.data.assign(size_t(std::max<int64_t>(out.numel(), 0)) * sizeof(float), 0);
+    npy::Array lse;
+    lse.dtype = npy::DType::Float32;
+    lse.shape = {q.shape[0], q.shape[1], q.shape[2]};
+    lse.data.assign(size_t(std::max<int64_t>(lse.numel(), 0)) * sizeof(float), 0);
+    if (!a.lse.empty() && std::filesystem::absolute(a.lse) == std::filesystem::absolute(a.out)) {
+        throw BadInput("--lse: names the same file as --out (" + a.out + ")");
+    }
 
     Options options;
     options.causal = a.causal;
@@ -128,10 +136,12 @@ int run_command(const RunArgs &a) {
         options.dropout = *a.dropout;
         options.seed = a.seed;
     }
-    DLTensor dq = as_dl(q), dk = as_dl(k), dv = as_dl(v), dout = as_dl(out);
+    DLTensor dq = as_dl(q), dk = as_dl(k), dv = as_dl(v), dout = as_dl(out), dlse = as_dl(lse);
     DLTensor dmask = mask ? as_dl(*mask) : DLTensor{};
-    forward(dq, dk, dv, mask ? &dmask : nullptr, dout, options);
-    npy::write(a.out, out);  // a temporary file renamed into place: OUT is whole or untouched
+    forward(dq, dk, dv, mask ? &dmask : nullptr, dout, a.lse.empty() ? nullptr : &dlse, options);
+    // Each file is a temporary renamed into place: whole or untouched.
+    npy::write(a.out, out);
+    if (!a.lse.empty()) npy::write(a.lse, lse);
     return 0;
 }
 
@@ -357,6 +367,8 @@ int main(int argc, char **argv) {
     run_cmd->add_option("--k", run.k, "keys [b, h, m, d], [b, hk, m, d] or [b, m, d]")->required();
     run_cmd->add_option("--v", run.v, "values, like k with last dim dv")->required();
     run_cmd->add_option("--out", run.out, "output [b, h, n, dv], written only on success")->required();
+    run_cmd->add_option("--lse", run.lse,
+                        "also write each row's log-sum-exp, float32 [b, h, n] (-inf where every key is masked)");
     run_cmd->add_option("--mask", run.mask, "key padding mask, bool [b, m], true = attend");
     run_cmd->add_flag("--causal", run.causal, "mask key j for query i when j > i (see --causal-align)");
     run_cmd->add_option("--causal-align", run.causal_align,

@@ -2,7 +2,8 @@
 // schedules (DESIGN.md sections 1 and 3).
 //
 // Shapes here are Halide's (innermost first): q(c, i, h, b), k(c, j, hk, b),
-// v(c, j, hk, b), mask(j, b), out(c, i, h, b).
+// v(c, j, hk, b), mask(j, b); out(c, i, h, b) is a Tuple of the attention and
+// the log-sum-exp of row i (see `out` below).
 //
 // The algorithm is flash attention written with pure Funcs: the keys are split
 // into blocks of `key_block`; per query row and block three partials are pure
@@ -12,6 +13,7 @@
 // in parallel). Scores are kept in log2 units (q is scaled once by
 // scale * log2(e)) so the softmax uses 2^x.
 #include <cfloat>
+#include <cmath>
 #include <vector>
 
 #include "Halide.h"
@@ -41,6 +43,13 @@ Expr exp2_nonpositive(Expr x) {
 }
 
 Expr u32(uint32_t x) { return Internal::make_const(UInt(32), x); }
+
+// ln(sum_j 2^(s_j)) from a row's state: its max and its sum of 2^(s_j - max), in
+// log2 units. A row whose max is -FLT_MAX has every key masked: -inf.
+Expr log_sum_exp(Expr max_log2, Expr sum) {
+    Expr minus_infinity = Internal::make_const(Float(32), -INFINITY);
+    return select(max_log2 == -FLT_MAX, minus_infinity, max_log2 * float(M_LN2) + log(sum));
+}
 
 class Attention : public Generator<Attention> {
 public:
@@ -91,7 +100,12 @@ public:
     // parallel, which fills the device when there are few query tiles. 1: one pass.
     Input<int32_t> key_splits{"key_splits"};
 
-    Output<Buffer<float, 4>> out{"out"};
+    // Two values per (c, i, h, b): the attention, and the log-sum-exp of row i,
+    // ln sum_j exp(s_ij) over its unmasked keys (before dropout), -inf when every
+    // key is masked. The lse does not depend on c: the runtime passes its [b, h, n]
+    // buffer with stride 0 in c. (Outputs of one pipeline share one loop nest,
+    // and so one computation of the state, only as a Tuple.)
+    Output<Buffer<void, 4>> out{"out", {Float(32), Float(32)}};
 
     void generate() {
         define_algorithm();
@@ -109,7 +123,7 @@ private:
     Func q_scaled{"q_scaled"}, score{"score"}, block_max{"block_max"}, weight{"weight"},
         block_sum{"block_sum"}, block_out{"block_out"}, state{"state"};
     Func masked_score{"masked_score"}, kept_weight{"kept_weight"}, k_block{"k_block"}, v_block{"v_block"};
-    Func partial{"partial"}, merged{"merged"};
+    Func partial{"partial"}, merged{"merged"}, row_lse{"row_lse"};
     RDom rc, rj, blocks, splits;
 
     bool generic() const { return head_dim == 0; }
@@ -204,7 +218,9 @@ private:
             merged(c, ii, io, hq, bb) = Tuple(-FLT_MAX, 0.0f, 0.0f);
             merged(c, ii, io, hq, bb) = merge(merged(c, ii, io, hq, bb), part(0), part(1), {part(2)});
             Tuple st = merged(c, in_tile, tile, hq, bb);
-            out(c, i, hq, bb) = st[2] / st[1] * keep_scale;
+            Tuple row_st = merged(0, ii, io, hq, bb);  // every column has the row's max and sum
+            row_lse(ii, io, hq, bb) = log_sum_exp(row_st[0], row_st[1]);
+            out(c, i, hq, bb) = Tuple(st[2] / st[1] * keep_scale, row_lse(in_tile, tile, hq, bb));
         } else {
             // One state per row: (max, sum, out_0 .. out_{dv-1}).
             const int DV = head_dim;
@@ -225,22 +241,26 @@ private:
             merged(ii, io, hq, bb) = merge(merged(ii, io, hq, bb), part(0), part(1), part_outs);
             Tuple st = merged(in_tile, tile, hq, bb);
             std::vector<Expr> columns(st.as_vector().begin() + 2, st.as_vector().end());
-            out(c, i, hq, bb) = mux(c, columns) / st[1] * keep_scale;
+            Tuple row_st = merged(ii, io, hq, bb);
+            row_lse(ii, io, hq, bb) = log_sum_exp(row_st[0], row_st[1]);
+            out(c, i, hq, bb) = Tuple(mux(c, columns) / st[1] * keep_scale, row_lse(in_tile, tile, hq, bb));
         }
 
         // Strides: k and v must be dense in their head dim (the hot loops read them);
         // q, mask and out may have any strides (a dummy mask has strides 0).
         q.dim(0).set_stride(Expr());
         mask.dim(0).set_stride(Expr());
-        out.dim(0).set_stride(Expr());
         // Output rows start at 0, so a tile's lane is i % query_tile (the GPU
         // schedule reads the state of its own lane, no shuffles).
-        out.dim(1).set_min(0);
+        // (The lse buffer, the second, takes the first's mins and extents.)
+        for (OutputImageParam buffer : Func(out).output_buffers()) buffer.dim(0).set_stride(Expr());
+        const OutputImageParam attention = Func(out).output_buffers()[0];
+        attention.dim(1).set_min(0);
+        if (!generic()) attention.dim(0).set_bounds(0, int(head_dim));
         if (!generic()) {
             q.dim(0).set_bounds(0, int(head_dim));
             k.dim(0).set_bounds(0, int(head_dim));
             v.dim(0).set_bounds(0, int(head_dim));
-            out.dim(0).set_bounds(0, int(head_dim));
         }
     }
 
@@ -277,11 +297,11 @@ private:
             .fuse(task, bb, task)
             .parallel(task);
         if (!generic()) out.unroll(c);
-
         q_scaled.compute_at(out, task).vectorize(ii, VW);
 
         // The chunks of keys (one unless the caller asks for more) run in turn.
         merged.compute_at(out, task).vectorize(ii, VW);
+        row_lse.compute_at(out, task).vectorize(ii, VW);
         state.compute_at(merged, splits).vectorize(ii, VW);
         if (generic()) {
             merged.update().reorder(ii, c, splits).vectorize(ii, VW);
@@ -396,6 +416,8 @@ private:
         rows_on_threads(merged);
         merged.update().reorder(ii, splits);
         rows_on_threads(merged.update());
+        row_lse.compute_at(out, io).store_in(per_row).bound_storage(io, 1);
+        rows_on_threads(row_lse);
 
         // Global reads coalesced: consecutive threads read consecutive elements of a key.
         stage_block(k_block, c, jj);

@@ -35,7 +35,7 @@ TensorView view_of(const char *name, const halide_buffer_t &b);
 // A call that passed validation: every field is consistent and in range.
 struct Problem {
     int64_t b = 0, h = 0, kv_heads = 0, n = 0, m = 0, d = 0, dv = 0;
-    TensorView q, k, v, mask, out;  // k, v always 4-D here ([b, 1, m, d] for multi-query)
+    TensorView q, k, v, mask, out, lse;  // k, v always 4-D here ([b, 1, m, d] for multi-query); lse optional
     Device device = Device::CPU;  // where the kernel runs
     int device_id = 0;            // CUDA: the GPU of the tensors (0 for host tensors)
     Features features;
@@ -49,7 +49,16 @@ struct Problem {
 
 // Throws std::invalid_argument naming the argument, the expectation and what was given.
 Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, const TensorView &mask,
-                 const TensorView &out, const Options &options);
+                 const TensorView &out, const TensorView &lse, const Options &options);
+
+// An absent optional tensor (mask, lse).
+TensorView absent(const char *name);
+
+// merge()'s checks (throw std::invalid_argument like validate), and merge() itself.
+void validate_merge(const TensorView &out_a, const TensorView &lse_a, int64_t keys_a, const TensorView &out_b,
+                    const TensorView &lse_b, int64_t keys_b, const TensorView &out, const TensorView &lse);
+void merge(const TensorView &out_a, const TensorView &lse_a, int64_t keys_a, const TensorView &out_b,
+           const TensorView &lse_b, int64_t keys_b, const TensorView &out, const TensorView &lse);
 
 // Runs the selected kernel; throws attend::Error when it fails.
 void run(const Problem &problem, const Options &options);

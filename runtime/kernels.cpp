@@ -14,7 +14,8 @@
 #define ATTEND_KERNEL_PARAMS                                                                                    \
     (const void *user_context, halide_buffer_t *q, halide_buffer_t *k, halide_buffer_t *v, halide_buffer_t *mask, \
      float scale, bool causal, bool has_mask, uint32_t drop_threshold, float keep_scale, uint32_t seed_lo,      \
-     uint32_t seed_hi, int32_t causal_offset, int32_t all_keys_rows, int32_t key_splits, halide_buffer_t *out)
+     uint32_t seed_hi, int32_t causal_offset, int32_t all_keys_rows, int32_t key_splits, halide_buffer_t *out, \
+     halide_buffer_t *lse)
 // The per-target functions have '-' in their names: an asm label reaches them
 // (GCC passes it to the assembler, which needs it quoted; clang takes it as is).
 #if defined(__clang__)
@@ -202,6 +203,42 @@ void unpad_into(const detail::TensorView &wide, const detail::TensorView &out) {
                 for (int64_t e = 0; e < out.shape[3]; e++)
                     dst[a * out.strides[0] + b * out.strides[1] + c * out.strides[2] + e * out.strides[3]] =
                         src[a * wide.strides[0] + b * wide.strides[1] + c * wide.strides[2] + e];
+}
+
+// The kernels write lse as the second value of out (c, i, h, b): they get lse
+// [b, h, n] seen as [b, h, n, width] with stride 0 in the last dim. Without a
+// caller's lse, the CPU writes into `scratch`; a GPU into device memory that
+// Halide allocates during the call (data null).
+detail::TensorView lse_for_kernel(const detail::Problem &p, int64_t width, Device device,
+                                  std::vector<float> &scratch) {
+    detail::TensorView t = p.lse;
+    if (!t.present) {
+        t.name = "lse";
+        t.dtype = DLDataType{kDLFloat, 32, 1};
+        t.shape[0] = p.b;
+        t.shape[1] = p.h;
+        t.shape[2] = p.n;
+        t.strides[0] = p.h * p.n;
+        t.strides[1] = p.n;
+        t.strides[2] = 1;
+        if (device == Device::CPU) {
+            scratch.assign(size_t(p.b * p.h * p.n), 0.0f);
+            t.data = scratch.data();
+        }
+    }
+    t.ndim = 4;
+    t.shape[3] = width;
+    t.strides[3] = 0;
+    return t;
+}
+
+// lse [b, h, n] as a Halide buffer sharing kernel_lse's memory and device state:
+// copies use it (a copy of the stride-0 view would move each element width times).
+halide_buffer_t lse_as_3d(const halide_buffer_t &kernel_lse) {
+    halide_buffer_t b = kernel_lse;
+    b.dimensions = 3;
+    b.dim = kernel_lse.dim + 1;
+    return b;
 }
 
 // How many chunks of keys run in parallel (GPU). A GPU wants thousands of thread
@@ -431,8 +468,11 @@ void run(const Problem &p, const Options &options) {
         mask.shape[1] = p.m;
     }
     const int64_t all_keys_rows = all_keys_rows_of(p);
+    std::vector<float> lse_scratch;
+    const TensorView lse = lse_for_kernel(p, out.shape[3], kernel->device, lse_scratch);
     const halide_type_t f32(halide_type_float, 32), u8(halide_type_uint, 8);
-    KernelBuffer q_buf(q, f32), k_buf(k, f32), v_buf(v, f32), mask_buf(mask, u8), out_buf(out, f32);
+    KernelBuffer q_buf(q, f32), k_buf(k, f32), v_buf(v, f32), mask_buf(mask, u8), out_buf(out, f32),
+        lse_buf(lse, f32);
 
     install_halide_hooks();
     CallContext call;
@@ -442,12 +482,13 @@ void run(const Problem &p, const Options &options) {
         return Error(std::string("attend: kernel ") + kernel->name + ": " + what + " failed (Halide error " +
                      std::to_string(status) + "): " + (call.errors.empty() ? "no message" : call.errors));
     };
-    KernelBuffer *buffers[] = {&q_buf, &k_buf, &v_buf, &mask_buf, &out_buf};
+    KernelBuffer *buffers[] = {&q_buf, &k_buf, &v_buf, &mask_buf, &out_buf, &lse_buf};
     int status = 0;
     const bool gpu = kernel->device != Device::CPU;
     if (gpu) {
         for (KernelBuffer *b : buffers) {
-            if (status == 0) status = b->to_device(&call, detail::halide_interface(kernel->device), b == &out_buf);
+            const bool is_output = b == &out_buf || b == &lse_buf;
+            if (status == 0) status = b->to_device(&call, detail::halide_interface(kernel->device), is_output);
         }
     }
     const char *stage = "preparing device buffers";
@@ -456,12 +497,18 @@ void run(const Problem &p, const Options &options) {
         status = function(&call, &q_buf.buffer, &k_buf.buffer, &v_buf.buffer, &mask_buf.buffer, p.scale,
                           p.features.causal, p.features.mask, p.drop_threshold, p.keep_scale, uint32_t(p.seed),
                           uint32_t(p.seed >> 32), int32_t(p.causal_offset), int32_t(all_keys_rows),
-                          key_splits_for(*kernel, p, options), &out_buf.buffer);
+                          key_splits_for(*kernel, p, options), &out_buf.buffer, &lse_buf.buffer);
     }
     // A host out gets the result only when everything succeeded: otherwise it is untouched.
     if (gpu && status == 0 && host_readable(out) && !(out.halide && out.halide->device)) {
         stage = "copying the result to the host";
         status = halide_copy_to_host(&call, &out_buf.buffer);
+    }
+    if (gpu && status == 0 && p.lse.present && host_readable(p.lse) && !(p.lse.halide && p.lse.halide->device)) {
+        stage = "copying lse to the host";
+        halide_buffer_t lse_3d = lse_as_3d(lse_buf.buffer);
+        status = halide_copy_to_host(&call, &lse_3d);
+        lse_buf.buffer.flags = lse_3d.flags;
     }
     if (gpu) {
         for (KernelBuffer *b : buffers) {
@@ -475,8 +522,10 @@ void run(const Problem &p, const Options &options) {
     if (status != 0) throw failed(stage, status);
     if (pad) unpad_into(out, p.out);
     // A CPU kernel wrote the host memory of a caller's Halide buffer: its device copy is stale.
-    if (!gpu && p.out.halide && p.out.halide->device_interface) {
-        const_cast<halide_buffer_t *>(p.out.halide)->flags |= halide_buffer_flag_host_dirty;
+    for (const TensorView *written : {&p.out, &p.lse}) {
+        if (!gpu && written->halide && written->halide->device_interface) {
+            const_cast<halide_buffer_t *>(written->halide)->flags |= halide_buffer_flag_host_dirty;
+        }
     }
 }
 

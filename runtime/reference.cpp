@@ -11,7 +11,7 @@
 namespace attend::reference {
 
 std::vector<double> forward(const Shape &s, const float *q, const float *k, const float *v, const uint8_t *mask,
-                            const Options &options) {
+                            const Options &options, std::vector<double> *lse) {
     const int64_t kv_heads = s.kv_heads == 0 ? 1 : s.kv_heads;  // 0: multi-query [b, m, d]
     const int64_t group = s.h / kv_heads;
     const double scale = options.scale ? *options.scale : 1.0 / std::sqrt(double(s.d));
@@ -21,6 +21,7 @@ std::vector<double> forward(const Shape &s, const float *q, const float *k, cons
     const int64_t causal_offset = options.causal_align == CausalAlign::BottomRight ? s.m - s.n : 0;
 
     std::vector<double> out(size_t(s.b * s.h * s.n * s.dv), 0.0), score(size_t(s.m));
+    if (lse) lse->assign(size_t(s.b * s.h * s.n), 0.0);
     for (int64_t b = 0; b < s.b; b++) {
         for (int64_t h = 0; h < s.h; h++) {
             const int64_t kvh = h / group;
@@ -38,6 +39,10 @@ std::vector<double> forward(const Shape &s, const float *q, const float *k, cons
                 }
                 double sum = 0.0;
                 for (int64_t j = 0; j < s.m; j++) sum += (score[j] = std::exp(score[j] - max_score));
+                if (lse) {  // masked keys add exp(-FLT_MAX - max) = 0 unless all are masked
+                    (*lse)[size_t((b * s.h + h) * s.n + i)] =
+                        max_score == -double(FLT_MAX) ? -INFINITY : max_score + std::log(sum);
+                }
                 double *oi = &out[size_t(((b * s.h + h) * s.n + i) * s.dv)];
                 for (int64_t j = 0; j < s.m; j++) {
                     double weight = score[j] / sum;

@@ -120,7 +120,7 @@ void check_same(const TensorView &t, int dim, int64_t expected, const TensorView
     }
 }
 
-// out is written through: no two of its elements may share memory.
+// Outputs are written through: no two of their elements may share memory.
 void check_no_self_overlap(const TensorView &t) {
     if (element_count(t) == 0) return;
     int order[4] = {0, 1, 2, 3};  // dims by increasing stride (insertion sort of at most 4)
@@ -133,7 +133,7 @@ void check_no_self_overlap(const TensorView &t) {
         if (t.shape[i] == 1) continue;
         if (t.strides[i] <= span) {
             fail(std::string(t.name) + ": strides make elements overlap (dim " + std::to_string(i) + " stride " +
-                 std::to_string(t.strides[i]) + "); out must have distinct memory for every element");
+                 std::to_string(t.strides[i]) + "); " + t.name + " must have distinct memory for every element");
         }
         span += (t.shape[i] - 1) * t.strides[i];
     }
@@ -279,19 +279,27 @@ TensorView view_of(const char *name, const halide_buffer_t &b) {
     return v;
 }
 
+TensorView absent(const char *name) {
+    TensorView t;
+    t.name = name;
+    return t;
+}
+
 Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, const TensorView &mask,
-                 const TensorView &out, const Options &options) {
+                 const TensorView &out, const TensorView &lse, const Options &options) {
     check_options(options);
     check_basic(q, {4}, "4 dims [b, h, n, d]");
     check_basic(k, {3, 4}, "3 dims [b, m, d] or 4 dims [b, hk, m, d]");
     check_basic(v, {3, 4}, "3 dims [b, m, dv] or 4 dims [b, hk, m, dv]");
     check_basic(out, {4}, "4 dims [b, h, n, dv]");
     if (mask.present) check_basic(mask, {2}, "2 dims [b, m]");
+    if (lse.present) check_basic(lse, {3}, "3 dims [b, h, n]");
     for (const TensorView *t : {&q, &k, &v, &out}) check_float32(*t);
+    if (lse.present) check_float32(lse);
     if (mask.present && !is_mask_type(mask.dtype)) {
         fail(std::string("mask: expected dtype bool (or uint8), got ") + dtype_string(mask.dtype));
     }
-    const Device run_on = check_device({&q, &k, &v, &out, &mask}, options);
+    const Device run_on = check_device({&q, &k, &v, &out, &mask, &lse}, options);
     if (k.ndim != v.ndim) {
         fail("v: has " + std::to_string(v.ndim) + " dims but k has " + std::to_string(k.ndim) +
              "; k and v must both be 3-D (multi-query) or both 4-D");
@@ -331,16 +339,31 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
         fail("mask: expected shape [" + std::to_string(p.b) + ", " + std::to_string(p.m) +
              "] ([b, m] from q and k), got " + shape_string(mask));
     }
+    if (lse.present && (lse.shape[0] != p.b || lse.shape[1] != p.h || lse.shape[2] != p.n)) {
+        std::ostringstream s;
+        s << "lse: expected shape [" << p.b << ", " << p.h << ", " << p.n << "] ([b, h, n] from q), got "
+          << shape_string(lse);
+        fail(s.str());
+    }
     check_no_self_overlap(out);
     for (const TensorView *t : {&q, &k, &v, &mask}) {
         if (overlaps(out, *t)) {
             fail(std::string("out: overlaps the memory of ") + t->name + "; out must not alias an input");
         }
     }
+    if (lse.present) {
+        check_no_self_overlap(lse);
+        for (const TensorView *t : {&q, &k, &v, &mask, &out}) {
+            if (overlaps(lse, *t)) {
+                fail(std::string("lse: overlaps the memory of ") + t->name + "; lse must have memory of its own");
+            }
+        }
+    }
 
     p.q = q;
     p.mask = mask;
     p.out = out;
+    p.lse = lse;
     p.device = run_on;
     p.device_id = q.device.device_type == kDLCUDA ? q.device.device_id : 0;
     for (const TensorView *t : {&p.k, &p.v}) {
@@ -357,6 +380,66 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
     p.features = Features{mask.present, options.causal, p.drop_threshold > 0};
     p.causal_offset = options.causal_align == CausalAlign::BottomRight ? p.m - p.n : 0;
     return p;
+}
+
+// ---- merge ------------------------------------------------------------------
+
+namespace {
+
+bool same_tensor(const TensorView &a, const TensorView &b) {
+    if (a.data != b.data || a.ndim != b.ndim) return false;
+    for (int i = 0; i < a.ndim; i++) {
+        if (a.shape[i] != b.shape[i] || a.strides[i] != b.strides[i]) return false;
+    }
+    return true;
+}
+
+// t's first `dims` dims equal ref's.
+void check_same_shape(const TensorView &t, const TensorView &ref, int dims) {
+    TensorView expected = ref;
+    expected.ndim = dims;
+    for (int i = 0; i < dims; i++) {
+        if (t.shape[i] != ref.shape[i]) {
+            fail(std::string(t.name) + ": expected shape " + shape_string(expected) + " (from " + ref.name + " " +
+                 shape_string(ref) + "), got " + shape_string(t));
+        }
+    }
+}
+
+}  // namespace
+
+void validate_merge(const TensorView &out_a, const TensorView &lse_a, int64_t keys_a, const TensorView &out_b,
+                    const TensorView &lse_b, int64_t keys_b, const TensorView &out, const TensorView &lse) {
+    for (const TensorView *t : {&out_a, &out_b, &out}) check_basic(*t, {4}, "4 dims [b, h, n, dv]");
+    for (const TensorView *t : {&lse_a, &lse_b, &lse}) check_basic(*t, {3}, "3 dims [b, h, n]");
+    for (const TensorView *t : {&out_a, &lse_a, &out_b, &lse_b, &out, &lse}) {
+        check_float32(*t);
+        if (location(*t) != Device::CPU || t->on_device_only) {
+            fail(std::string(t->name) + ": is on " + device_string(t->device) +
+                 "; merge runs on host memory: copy device tensors to the host first");
+        }
+    }
+    if (keys_a < 1) fail("keys_a: expected the number of keys of part a (at least 1), got " + std::to_string(keys_a));
+    if (keys_b < 1) fail("keys_b: expected the number of keys of part b (at least 1), got " + std::to_string(keys_b));
+    check_same_shape(out_b, out_a, 4);
+    check_same_shape(out, out_a, 4);
+    for (const TensorView *t : {&lse_a, &lse_b, &lse}) check_same_shape(*t, out_a, 3);
+    // Each output element is written after its own inputs are read: the same
+    // tensor as an input (in place) is fine, any other overlap is not.
+    check_no_self_overlap(out);
+    check_no_self_overlap(lse);
+    auto check_alias = [](const TensorView &written, const TensorView &input, bool may_be_it) {
+        if (overlaps(written, input) && !(may_be_it && same_tensor(written, input))) {
+            fail(std::string(written.name) + ": overlaps the memory of " + input.name +
+                 (may_be_it ? std::string("; it may be ") + input.name + " itself (to merge in place), nothing else"
+                            : std::string("; it must not")));
+        }
+    };
+    for (const TensorView *input : {&out_a, &out_b, &lse_a, &lse_b}) {
+        check_alias(out, *input, input == &out_a || input == &out_b);
+        check_alias(lse, *input, input == &lse_a || input == &lse_b);
+    }
+    if (overlaps(out, lse)) fail("lse: overlaps the memory of out; they must be distinct");
 }
 
 }  // namespace attend::detail

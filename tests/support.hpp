@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -112,24 +113,33 @@ inline Tensor<uint8_t> random_mask(int64_t b, int64_t m, double keep_fraction, u
     return t;
 }
 
-// One attention problem: inputs, an output full of NaN (so an element a kernel
+// The oracle's answer: out [b, h, n, dv] (the vector itself) and lse [b, h, n].
+struct Expected : std::vector<double> {
+    std::vector<double> lse;
+};
+
+// One attention problem: inputs, outputs full of NaN (so an element a kernel
 // fails to write is caught), and the oracle's answer.
 struct Problem {
     reference::Shape shape;
     Tensor<float> q, k, v, out;
     std::optional<Tensor<uint8_t>> mask;
+    std::optional<Tensor<float>> lse;  // asked for when present
     Options options;
 
     void run() {
         DLTensor dq = q.dl(), dk = k.dl(), dv = v.dl(), dout = out.dl();
-        DLTensor dmask = mask ? mask->dl() : DLTensor{};
-        attend::forward(dq, dk, dv, mask ? &dmask : nullptr, dout, options);
+        DLTensor dmask = mask ? mask->dl() : DLTensor{}, dlse = lse ? lse->dl() : DLTensor{};
+        attend::forward(dq, dk, dv, mask ? &dmask : nullptr, dout, lse ? &dlse : nullptr, options);
     }
-    std::vector<double> expected() const {
+    Expected expected() const {
         auto qd = q.dense(), kd = k.dense(), vd = v.dense();
         std::vector<uint8_t> md;
         if (mask) md = mask->dense();
-        return reference::forward(shape, qd.data(), kd.data(), vd.data(), mask ? md.data() : nullptr, options);
+        Expected e;
+        static_cast<std::vector<double> &>(e) = reference::forward(shape, qd.data(), kd.data(), vd.data(),
+                                                                   mask ? md.data() : nullptr, options, &e.lse);
+        return e;
     }
 };
 
@@ -139,6 +149,7 @@ struct ProblemSpec {
     double mask_keep = 0.7;
     std::vector<int> q_order, kv_order, out_order;  // memory layouts (empty: C order)
     uint32_t seed = 1;
+    bool lse = true;  // ask for lse (checked against the oracle's)
 };
 
 // b batches of h heads (and as many kv heads), n queries, m keys, d = dv.
@@ -165,6 +176,7 @@ inline Problem make_problem(const ProblemSpec &s, Options options = {}) {
     }
     p.out = nan_tensor({s.b, s.h, s.n, s.dv}, s.out_order);
     if (s.mask) p.mask = random_mask(s.b, s.m, s.mask_keep, s.seed + 3);
+    if (s.lse) p.lse = nan_tensor({s.b, s.h, s.n});
     p.options = options;
     return p;
 }
@@ -218,14 +230,50 @@ inline Comparison compare(const std::vector<float> &got, const std::vector<doubl
     return c;
 }
 
-// Runs p and checks it against the oracle within the fp32 tolerance.
-inline void check_against_reference(Problem &p, const std::vector<double> &expected) {
+// The fp32 error bound of lse = ln sum_j exp(s_j) = max + ln(sum of 2^(s_j - max)):
+// the score error of fp32_tolerance (sqrt(d)·eps·|q|·|k|·scale, absolute, passes
+// through unchanged), the m-term sum (sqrt(m)·eps relative, so absolute in the
+// log), and rounding of the result itself (eps·|lse|), with the same factor 4.
+inline double lse_tolerance(const Problem &p, double largest_lse) {
+    const double eps = FLT_EPSILON;
+    double d = double(p.shape.d), m = double(p.shape.m);
+    double scale = p.options.scale ? std::fabs(*p.options.scale) : 1.0 / std::sqrt(d);
+    double score_magnitude = scale * largest_row_norm(p.q.dense(), p.shape.d) * largest_row_norm(p.k.dense(), p.shape.d);
+    return 4.0 * eps * (std::sqrt(d) * score_magnitude + std::sqrt(m) + largest_lse + 8.0);
+}
+
+// lse against the oracle: -inf exactly where every key is masked, else within
+// lse_tolerance.
+inline void check_lse(const Problem &p, const std::vector<double> &expected) {
+    auto got = p.lse->dense();
+    REQUIRE(got.size() == expected.size());
+    double largest = 0, max_error = 0;
+    int64_t wrong_infinite = 0;
+    for (double e : expected) largest = std::isfinite(e) ? std::max(largest, std::fabs(e)) : largest;
+    for (size_t i = 0; i < got.size(); i++) {
+        if (std::isinf(expected[i]) || !std::isfinite(got[i])) {
+            wrong_infinite += got[i] != expected[i];
+            continue;
+        }
+        max_error = std::max(max_error, std::fabs(double(got[i]) - expected[i]));
+    }
+    double tolerance = lse_tolerance(p, largest);
+    INFO("lse max error " << max_error << ", tolerance " << tolerance << ", wrong where -inf expected or not finite "
+                          << wrong_infinite);
+    CHECK(wrong_infinite == 0);
+    CHECK(max_error <= tolerance);
+}
+
+// Runs p and checks it (out, and lse if p asks for it) against the oracle within
+// the fp32 tolerance.
+inline void check_against_reference(Problem &p, const Expected &expected) {
     p.run();
     auto c = compare(p.out.dense(), expected);
     double tolerance = fp32_tolerance(p);
     INFO("max error " << c.max_error << ", tolerance " << tolerance << ", unwritten " << c.not_finite);
     CHECK(c.not_finite == 0);
     CHECK(c.max_error <= tolerance);
+    if (p.lse) check_lse(p, expected.lse);
 }
 
 }  // namespace attend::test

@@ -110,6 +110,20 @@ TEST_CASE("attend run: multi-query with a mask and causal, against the reference
     CHECK(result.max_error <= fp32_tolerance(c.p));
 }
 
+TEST_CASE("attend run: --lse writes each row's log-sum-exp, as the library does") {
+    CliProblem c;
+    auto r = c.ws.attend("run " + c.files + " --causal --lse " + c.ws.path("lse.npy"));
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+    auto lse = npy::read(c.ws.path("lse.npy"));
+    CHECK(lse.shape == std::vector<int64_t>{2, 4, 30});
+    c.p.options.causal = true;
+    c.p.lse = nan_tensor({2, 4, 30});
+    c.p.run();
+    CHECK(std::vector<float>(lse.f32(), lse.f32() + lse.numel()) == c.p.lse->dense());
+    CHECK(c.ws.attend("run " + c.files + " --lse " + c.ws.path("out.npy")).status == 2);  // the same file as --out
+}
+
 TEST_CASE("attend run: --causal-align bottom-right equals the library call") {
     CliProblem c;
     REQUIRE(c.ws.attend("run " + c.files + " --causal --causal-align bottom-right").status == 0);

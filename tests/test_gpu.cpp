@@ -198,17 +198,22 @@ TEST_CASE("Halide buffers with a device allocation stay on the device") {
         return buffer;
     };
     auto q = to_halide(p.q), k = to_halide(p.k), v = to_halide(p.v);
-    Halide::Runtime::Buffer<void> out = to_halide(p.out);
+    Halide::Runtime::Buffer<void> out = to_halide(p.out), lse = to_halide(*p.lse);
     std::fill(static_cast<float *>(out.data()), static_cast<float *>(out.data()) + out.number_of_elements(), NAN);
     Options options;
     options.device = g_device;
-    forward(q, k, v, Halide::Runtime::Buffer<const void>(), out, options);
-    CHECK(out.raw_buffer()->device_dirty());  // the result is on the device, the host copy is stale
+    forward(q, k, v, Halide::Runtime::Buffer<const void>(), out, lse, options);
+    // The results are on the device, the host copies stale.
+    CHECK(out.raw_buffer()->device_dirty());
+    CHECK(lse.raw_buffer()->device_dirty());
     REQUIRE(out.copy_to_host() == 0);
+    REQUIRE(lse.copy_to_host() == 0);
     std::vector<float> got(static_cast<float *>(out.data()), static_cast<float *>(out.data()) + out.number_of_elements());
     auto c = compare(got, expected);
     CHECK(c.not_finite == 0);
     CHECK(c.max_error <= fp32_tolerance(p));
+    std::copy_n(static_cast<float *>(lse.data()), lse.number_of_elements(), p.lse->storage.begin());
+    check_lse(p, expected.lse);
 }
 
 // The CUDA driver calls a caller makes (what the CUDA runtime API and PyTorch do
@@ -263,17 +268,19 @@ TEST_CASE("CUDA: device pointers of the caller's primary context, ordered on the
         dl.device = {kDLCUDA, 0};
         return at;
     };
-    DLTensor q, k, v, mask, out;
+    DLTensor q, k, v, mask, out, lse;
     CUdeviceptr allocations[] = {upload(p.q, q), upload(p.k, k), upload(p.v, v), upload(*p.mask, mask),
-                                 upload(p.out, out)};
+                                 upload(p.out, out), upload(*p.lse, lse)};
     options.cuda_stream = stream;
-    forward(q, k, v, &mask, out, options);  // device selected by where the tensors are
+    forward(q, k, v, &mask, out, &lse, options);  // device selected by where the tensors are
     REQUIRE(cuStreamSynchronize(stream) == 0);
     std::vector<float> got(size_t(p.out.numel()));
     REQUIRE(cuMemcpyDtoH(got.data(), allocations[4], got.size() * sizeof(float)) == 0);
     auto c = compare(got, expected);
     CHECK(c.not_finite == 0);
     CHECK(c.max_error <= fp32_tolerance(p));
+    REQUIRE(cuMemcpyDtoH(p.lse->storage.data(), allocations[5], p.lse->storage.size() * sizeof(float)) == 0);
+    check_lse(p, expected.lse);
 
     // Asking for the CPU with tensors on the GPU is an error naming the option.
     options.device = Device::CPU;

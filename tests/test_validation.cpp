@@ -1,5 +1,5 @@
 // Bad input: a std::invalid_argument naming the argument and the expectation,
-// out untouched, and the next good call still works.
+// out and lse untouched, and the next good call still works.
 #include <cmath>
 #include <functional>
 
@@ -15,7 +15,7 @@ constexpr float kSentinel = 12345.0f;
 // The tensors of one call, as DLTensors that a case may bend.
 struct Call {
     Problem p;
-    DLTensor q, k, v, out, mask;
+    DLTensor q, k, v, out, mask, lse;
     bool with_mask = true;
     Options options;
     std::vector<int64_t> shape_a, shape_b;  // storage for bent shapes
@@ -31,15 +31,19 @@ struct Call {
         spec.mask = true;
         p = make_problem(spec);
         std::fill(p.out.storage.begin(), p.out.storage.end(), kSentinel);
+        std::fill(p.lse->storage.begin(), p.lse->storage.end(), kSentinel);
         q = p.q.dl();
         k = p.k.dl();
         v = p.v.dl();
         out = p.out.dl();
         mask = p.mask->dl();
+        lse = p.lse->dl();
     }
-    void run() { forward(q, k, v, with_mask ? &mask : nullptr, out, options); }
+    void run() { forward(q, k, v, with_mask ? &mask : nullptr, out, &lse, options); }
     bool out_untouched() const {
-        return std::all_of(p.out.storage.begin(), p.out.storage.end(), [](float x) { return x == kSentinel; });
+        auto sentinel = [](float x) { return x == kSentinel; };
+        return std::all_of(p.out.storage.begin(), p.out.storage.end(), sentinel) &&
+               std::all_of(p.lse->storage.begin(), p.lse->storage.end(), sentinel);
     }
 };
 
@@ -83,10 +87,10 @@ std::vector<BadCase> bad_cases() {
         {"null mask data", [](Call &c) { c.mask.data = nullptr; }, {"mask:", "data is null"}},
         {"null shape pointer", [](Call &c) { c.k.shape = nullptr; }, {"k:", "expected"}},
         {"k on cuda", [](Call &c) { c.k.device = {kDLCUDA, 0}; }, {"k:", "cuda:0", "one device"}},
-        {"k on another gpu", [](Call &c) { c.q.device = c.v.device = c.out.device = c.mask.device = {kDLCUDA, 0}; c.k.device = {kDLCUDA, 1}; }, {"k:", "cuda:1", "one device"}},
-        {"all on opencl", [](Call &c) { c.q.device = c.k.device = c.v.device = c.out.device = c.mask.device = {kDLOpenCL, 1}; }, {"q:", "opencl:1", "not supported"}},
-        {"all on vulkan", [](Call &c) { c.q.device = c.k.device = c.v.device = c.out.device = c.mask.device = {kDLVulkan, 0}; }, {"q:", "device type 7", "host memory"}},
-        {"cuda tensors, cpu asked", [](Call &c) { c.q.device = c.k.device = c.v.device = c.out.device = c.mask.device = {kDLCUDA, 0}; c.options.device = Device::CPU; }, {"options.device", "cpu", "cuda:0"}},
+        {"k on another gpu", [](Call &c) { c.q.device = c.v.device = c.out.device = c.mask.device = c.lse.device = {kDLCUDA, 0}; c.k.device = {kDLCUDA, 1}; }, {"k:", "cuda:1", "one device"}},
+        {"all on opencl", [](Call &c) { c.q.device = c.k.device = c.v.device = c.out.device = c.mask.device = c.lse.device = {kDLOpenCL, 1}; }, {"q:", "opencl:1", "not supported"}},
+        {"all on vulkan", [](Call &c) { c.q.device = c.k.device = c.v.device = c.out.device = c.mask.device = c.lse.device = {kDLVulkan, 0}; }, {"q:", "device type 7", "host memory"}},
+        {"cuda tensors, cpu asked", [](Call &c) { c.q.device = c.k.device = c.v.device = c.out.device = c.mask.device = c.lse.device = {kDLCUDA, 0}; c.options.device = Device::CPU; }, {"options.device", "cpu", "cuda:0"}},
         {"key_splits negative", [](Call &c) { c.options.key_splits = -1; }, {"options.key_splits", "-1"}},
         {"key_splits too many", [](Call &c) { c.options.key_splits = 65; }, {"options.key_splits", "64", "65"}},
         {"unknown device option", [](Call &c) { c.options.device = Device(9); }, {"options.device", "unknown device 9"}},
@@ -103,6 +107,14 @@ std::vector<BadCase> bad_cases() {
         {"unknown kernel", [](Call &c) { c.options.kernel = "attend_cpu_d7"; }, {"options.kernel", "attend_cpu_d7"}},
         {"kernel of another head dim", [](Call &c) { c.options.kernel = "attend_cpu_d64"; }, {"options.kernel", "d == dv == 64", "d=8"}},
         {"extent past 32 bits", [](Call &c) { reshaped[0] = 2; reshaped[1] = 4; reshaped[2] = 5; reshaped[3] = int64_t(1) << 31; c.q.shape = reshaped; }, {"q:", "32-bit indexing"}},
+        {"lse has 4 dims", [](Call &c) { c.lse.ndim = 4; c.lse.shape = c.out.shape; }, {"lse:", "3 dims [b, h, n]", "got 4 dims"}},
+        {"lse shape wrong", [](Call &c) { c.lse.shape[2] = 6; }, {"lse:", "expected shape [2, 4, 5]", "got [2, 4, 6]"}},
+        {"lse float64", [](Call &c) { c.lse.dtype = DLDataType{kDLFloat, 64, 1}; }, {"lse:", "float32", "got float64"}},
+        {"null lse data", [](Call &c) { c.lse.data = nullptr; }, {"lse:", "data is null"}},
+        {"lse on cuda", [](Call &c) { c.lse.device = {kDLCUDA, 0}; }, {"lse:", "cuda:0", "one device"}},
+        {"lse overlaps itself", [](Call &c) { c.lse.strides[1] = 0; }, {"lse:", "overlap", "distinct memory"}},
+        {"lse aliases out", [](Call &c) { c.lse.data = c.out.data; }, {"lse:", "overlaps the memory of out"}},
+        {"lse aliases k", [](Call &c) { c.lse.data = c.k.data; }, {"lse:", "overlaps the memory of k"}},
         {"span past 2 GiB", [](Call &c) { c.q.strides[0] = int64_t(1) << 29; }, {"q:", "bytes", "32-bit indexing"}},
     };
 }

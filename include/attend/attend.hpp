@@ -11,15 +11,22 @@
 //   v      | like k, last dim dv                | like k, first dim dv
 //   mask   | bool [b, m], true = attend         | (m, b)
 //   out    | [b, h, n, dv], written             | (dv, n, h, b)
+//   lse    | [b, h, n] (optional), written      | (n, h, b)
 //
 // A 3-D k/v is shared by all heads (multi-query); hk heads with h % hk == 0 are
 // grouped-query. Masked scores become -FLT_MAX, so a row with every key masked
 // gets uniform weights (the mean of v), as in the original module.
 //
+// lse, when given, receives the log-sum-exp of each query row: the natural log of
+// the softmax denominator, ln sum_j exp(s_ij) with s_ij = scale * q_i . k_j, over
+// the keys the row attends to (dropout does not change it). A row with every key
+// masked has none: its lse is -inf (and its out, as in the seed, the mean of v).
+// With out it is what merge() needs to combine attentions over disjoint keys.
+//
 // Strides: any non-negative strides are accepted. k and v are read in place when
 // their head dim is dense (stride 1) and copied to dense memory otherwise; q,
-// mask and out are used in place with any strides. out must not overlap itself
-// or any input.
+// mask, out and lse are used in place with any strides. out and lse must not
+// overlap themselves, each other or any input.
 //
 // Devices: tensors on a CUDA GPU (DLPack kDLCUDA, or Halide buffers with a CUDA
 // device allocation) run the CUDA kernel on that GPU; host tensors run the CPU
@@ -33,7 +40,7 @@
 //
 // Errors: a bad argument throws std::invalid_argument naming the argument, the
 // expectation and what was given; a failure while running throws attend::Error.
-// In both cases out is left untouched.
+// In both cases out (and lse) are left untouched.
 #pragma once
 
 #include <cstdint>
@@ -119,12 +126,43 @@ ATTEND_API const halide_device_interface_t *device_interface(Device device);
 
 ATTEND_API void forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const DLTensor *mask,
                         const DLTensor &out, const Options &options = {});
+// The same, also writing lse (float32 [b, h, n]; nullptr: not wanted).
+ATTEND_API void forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const DLTensor *mask,
+                        const DLTensor &out, const DLTensor *lse, const Options &options = {});
 
 // mask: an undefined buffer (default-constructed) means no mask; element type
 // bool or uint8 (nonzero = attend).
 ATTEND_API void forward(const Halide::Runtime::Buffer<const void> &q, const Halide::Runtime::Buffer<const void> &k,
                         const Halide::Runtime::Buffer<const void> &v, const Halide::Runtime::Buffer<const void> &mask,
                         const Halide::Runtime::Buffer<void> &out, const Options &options = {});
+// lse: float32 (n, h, b); an undefined buffer means not wanted.
+ATTEND_API void forward(const Halide::Runtime::Buffer<const void> &q, const Halide::Runtime::Buffer<const void> &k,
+                        const Halide::Runtime::Buffer<const void> &v, const Halide::Runtime::Buffer<const void> &mask,
+                        const Halide::Runtime::Buffer<void> &out, const Halide::Runtime::Buffer<void> &lse,
+                        const Options &options = {});
+
+// The exact merge of two attentions of the same queries over disjoint key sets A
+// and B (split-KV, ring attention): from (out_a, lse_a) over A's keys_a keys and
+// (out_b, lse_b) over B's keys_b keys, writes (out, lse) over A and B together,
+// as forward() over all the keys would give them:
+//   lse = ln(exp(lse_a) + exp(lse_b)),
+//   out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b.
+// A row with every key masked in both parts (lse_a = lse_b = -inf) gets the
+// seed's uniform weights over all keys: (keys_a out_a + keys_b out_b) / (keys_a +
+// keys_b), and lse -inf; so keys_a and keys_b (the parts' key counts; a merged
+// part has the sum) only matter for such rows. Shapes: out_* [b, h, n, dv] and
+// lse_* [b, h, n], float32, host memory, any strides. out may be out_a or out_b
+// (the same tensor, to accumulate in place), and lse likewise; other overlaps are
+// rejected. Dropout composes only if each part's dropout mask was drawn for its
+// own key positions (the mask is a function of the key index within a call).
+ATTEND_API void merge(const DLTensor &out_a, const DLTensor &lse_a, int64_t keys_a, const DLTensor &out_b,
+                      const DLTensor &lse_b, int64_t keys_b, const DLTensor &out, const DLTensor &lse);
+// The same on Halide buffers: out_* (dv, n, h, b), lse_* (n, h, b).
+ATTEND_API void merge(const Halide::Runtime::Buffer<const void> &out_a,
+                      const Halide::Runtime::Buffer<const void> &lse_a, int64_t keys_a,
+                      const Halide::Runtime::Buffer<const void> &out_b,
+                      const Halide::Runtime::Buffer<const void> &lse_b, int64_t keys_b,
+                      const Halide::Runtime::Buffer<void> &out, const Halide::Runtime::Buffer<void> &lse);
 
 // Floating-point operations of one call, as benchmarks count them: 2·b·h·n·m·(d + dv)
 // for the two matrix products (4·b·h·n·m·d when dv = d), halved for causal.

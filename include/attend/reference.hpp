@@ -17,8 +17,11 @@ struct Shape {
     int64_t b = 1, h = 1, kv_heads = 1, n = 1, m = 1, d = 1, dv = 1;
 };
 
-// Returns out [b, h, n, dv]. Uses options.scale, causal, dropout, training, seed.
+// Returns out [b, h, n, dv]. Uses options.scale, causal, causal_align, dropout,
+// training, seed. lse (if not null) receives [b, h, n]: ln sum_j exp(s_ij) over
+// the unmasked keys of each row, -inf for a row with every key masked.
 ATTEND_API std::vector<double> forward(const Shape &shape, const float *q, const float *k, const float *v,
-                                       const uint8_t *mask, const Options &options);
+                                       const uint8_t *mask, const Options &options,
+                                       std::vector<double> *lse = nullptr);
 
 }  // namespace attend::reference

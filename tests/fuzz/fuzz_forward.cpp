@@ -153,28 +153,33 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                              : in.ConsumeRandomLengthString(12);
     }
     const bool halide_entry = in.ConsumeBool();
+    // Decided last, so that inputs saved before lse existed decode as they did.
+    const bool with_lse = in.ConsumeBool();
+    FuzzTensor lse = make(in, {b, h, n}, f32);
 
-    for (FuzzTensor *t : {&q, &k, &v, &out, &mask}) {
+    for (FuzzTensor *t : {&q, &k, &v, &out, &mask, &lse}) {
         if (!t->allocate(in)) return 0;  // larger than this harness allocates
     }
     // The flop count stays small so that one input takes milliseconds.
     if (double(b) * double(h) * double(n) * double(m) * double(d + dv) > 4e7) return 0;
 
-    const std::vector<unsigned char> out_before = out.storage;
+    const std::vector<unsigned char> out_before = out.storage, lse_before = lse.storage;
     try {
         if (halide_entry) {
-            halide_buffer_t hq = q.halide(), hk_ = k.halide(), hv = v.halide(), hout = out.halide(), hmask = mask.halide();
+            halide_buffer_t hq = q.halide(), hk_ = k.halide(), hv = v.halide(), hout = out.halide(), hmask = mask.halide(),
+                            hlse = lse.halide();
             Halide::Runtime::Buffer<const void> bq(hq), bk(hk_), bv(hv), bmask;
             if (with_mask) bmask = Halide::Runtime::Buffer<const void>(hmask);
-            Halide::Runtime::Buffer<void> bout(hout);
-            attend::forward(bq, bk, bv, bmask, bout, options);
+            Halide::Runtime::Buffer<void> bout(hout), blse;
+            if (with_lse) blse = Halide::Runtime::Buffer<void>(hlse);
+            attend::forward(bq, bk, bv, bmask, bout, blse, options);
         } else {
-            DLTensor dq = q.dl(), dk = k.dl(), dv_ = v.dl(), dout = out.dl(), dmask = mask.dl();
-            attend::forward(dq, dk, dv_, with_mask ? &dmask : nullptr, dout, options);
+            DLTensor dq = q.dl(), dk = k.dl(), dv_ = v.dl(), dout = out.dl(), dmask = mask.dl(), dlse = lse.dl();
+            attend::forward(dq, dk, dv_, with_mask ? &dmask : nullptr, dout, with_lse ? &dlse : nullptr, options);
         }
     } catch (const std::invalid_argument &) {
-        if (out.storage != out_before) {
-            std::fprintf(stderr, "a rejected call changed out\n");
+        if (out.storage != out_before || lse.storage != lse_before) {
+            std::fprintf(stderr, "a rejected call changed out or lse\n");
             std::abort();
         }
     } catch (const attend::Error &) {
