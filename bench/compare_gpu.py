@@ -4,7 +4,10 @@
 For each shape (fp32, b=2, h=8, n=m in {1024, 4096, 16384}, d in {64, 128},
 causal and not): `attend bench --device cuda --kernel K --json` for every CUDA
 variant of the build, and torch.nn.functional.scaled_dot_product_attention on
-the same GPU (TF32 off, so both are fp32 FMA work). Prints TFLOP/s, the ratio
+the same GPU (TF32 off, so both are fp32 FMA work). Then float16 and bfloat16:
+the 16-bit kernels (float32 arithmetic inside) next to SDPA in that dtype
+(whose tensor-core kernels are a different class of hardware: the ratio says
+what 16-bit users give up). Prints TFLOP/s, the ratio
 to SDPA and the fraction of the GPU's fp32 FMA peak (SMs x 128 lanes x 2 x the
 largest SM clock, from torch and nvidia-smi), and writes every figure as one
 JSON line per measurement (so a run cut short keeps what it measured).
@@ -32,6 +35,7 @@ def parse_args():
     ap.add_argument("--device", default="cuda", choices=["cuda", "opencl"])
     ap.add_argument("--quick", action="store_true", help="n=m in {256} only, d=64 (dry run)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu"))
+    ap.add_argument("--dtypes", default="float32,float16,bfloat16")
     return ap.parse_args()
 
 
@@ -49,9 +53,16 @@ def repeats(s):
     return 3 if s["n"] >= 16384 else 7
 
 
-def attend_bench(build, device, kernel, s, key_splits=0):
+SUFFIX = {"float32": "", "float16": "_f16", "bfloat16": "_bf16"}
+
+
+def dtype_of(kernel):
+    return next((t for t, suffix in SUFFIX.items() if suffix and kernel.endswith(suffix)), "float32")
+
+
+def attend_bench(build, device, kernel, s, key_splits=0, dtype="float32"):
     exe = Path(build) / "bin" / "attend"
-    args = [str(exe), "bench", "--device", device, "--kernel", kernel, "--b", str(s["b"]), "--h", str(s["h"]),
+    args = [str(exe), "bench", "--device", device, "--kernel", kernel, "--dtype", dtype, "--b", str(s["b"]), "--h", str(s["h"]),
             "--n", str(s["n"]), "--m", str(s["n"]), "--d", str(s["d"]), "--repeats", str(repeats(s)), "--json",
             "--key-splits", str(key_splits)]
     if s["causal"]:
@@ -62,14 +73,14 @@ def attend_bench(build, device, kernel, s, key_splits=0):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def torch_sdpa(s, on_gpu):
+def torch_sdpa(s, on_gpu, dtype="float32"):
     import torch
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     dev = "cuda" if on_gpu else "cpu"
     g = torch.Generator(device=dev).manual_seed(0)
     shape = (s["b"], s["h"], s["n"], s["d"])
-    q, k, v = (torch.randn(shape, device=dev, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(shape, device=dev, generator=g).to(getattr(torch, dtype)) for _ in range(3))
     f = torch.nn.functional.scaled_dot_product_attention
     times = []
     for r in range(repeats(s) + 1):
@@ -116,14 +127,15 @@ def main():
     print(f"GPU: {gpu}; fp32 FMA peak: {peak:.1f} TFLOP/s" if peak else f"GPU: {gpu}")
     log = open(out / "compare_gpu.jsonl", "a")
     rows = []
-    for s in shapes(a.quick):
-        name = f"n=m={s['n']} d={s['d']}{' causal' if s['causal'] else ''}"
-        sdpa_ms = torch_sdpa(s, on_gpu) if torch else None
+    for dtype, s in [(t, s) for t in a.dtypes.split(",") for s in shapes(a.quick)]:
+        name = f"{dtype} n=m={s['n']} d={s['d']}{' causal' if s['causal'] else ''}"
+        sdpa_ms = torch_sdpa(s, on_gpu, dtype) if torch else None
         sdpa = flops(s) / sdpa_ms / 1e9 if sdpa_ms else None
-        entry = dict(shape=s, gpu=gpu, peak_tflops=peak, sdpa_ms=sdpa_ms, sdpa_tflops=sdpa, attend={})
-        candidates = [v for v in variants if f"_d{s['d']}_" in v]
+        entry = dict(shape=s, dtype=dtype, gpu=gpu, peak_tflops=peak, sdpa_ms=sdpa_ms, sdpa_tflops=sdpa, attend={})
+        candidates = [v for v in variants if f"_d{s['d']}_" in v and dtype_of(v) == dtype]
         if s["n"] >= 16384:  # the largest size only for variants within half of the best at the size before
-            before = [e for e in rows if e["shape"]["d"] == s["d"] and e["shape"]["causal"] == s["causal"]]
+            before = [e for e in rows if e["shape"]["d"] == s["d"] and e["shape"]["causal"] == s["causal"]
+                      and e["dtype"] == dtype]
             speeds = {k: r.get("tflops", 0) for k, r in before[-1]["attend"].items()} if before else {}
             if speeds:
                 candidates = [k for k in candidates if speeds.get(k, 0) >= 0.5 * max(speeds.values())]
@@ -133,14 +145,14 @@ def main():
         if candidates and s["n"] < 16384:  # (at 16384 the automatic choice is 1 already)
             runs.append((candidates[0], 1))
         for kernel, key_splits in runs:
-            r = attend_bench(a.build, a.device, kernel, s, key_splits)
+            r = attend_bench(a.build, a.device, kernel, s, key_splits, dtype)
             if key_splits:
                 kernel += "/splits=1"
             if "error" not in r:
                 r["tflops"] = flops(s) / r["median_ms"] / 1e9
             entry["attend"][kernel] = r
             tf = r.get("tflops")
-            line = f"{name:28s} {kernel:28s} " + (f"{tf:8.2f} TFLOP/s" if tf else f"error: {r['error'][:120]}")
+            line = f"{name:37s} {kernel:32s} " + (f"{tf:8.2f} TFLOP/s" if tf else f"error: {r['error'][:120]}")
             if tf and sdpa:
                 line += f"  {tf / sdpa:5.2f}x SDPA ({sdpa:.2f})"
             if tf and peak:
@@ -155,7 +167,7 @@ def main():
         best = max(((k, r["tflops"]) for k, r in e["attend"].items() if "tflops" in r), key=lambda x: x[1], default=None)
         if best:
             ratio = f"{best[1] / e['sdpa_tflops']:.2f}x SDPA" if e["sdpa_tflops"] else ""
-            print(f"  n=m={s['n']:<6} d={s['d']:<4} {'causal' if s['causal'] else '      '} {best[0]:28s} "
+            print(f"  {e['dtype']:8s} n=m={s['n']:<6} d={s['d']:<4} {'causal' if s['causal'] else '      '} {best[0]:32s} "
                   f"{best[1]:7.2f} TFLOP/s {ratio}")
     return 0
 

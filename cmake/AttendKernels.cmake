@@ -1,4 +1,5 @@
-# attend_add_kernel(<name> DEVICE <cpu|cuda|opencl> HEAD_DIM <n|0> TARGETS <halide targets...> [PARAMS <k=v>...])
+# attend_add_kernel(<name> DEVICE <cpu|cuda|opencl> HEAD_DIM <n|0> [DTYPE <float32|float16|bfloat16>]
+#                   TARGETS <halide targets...> [PARAMS <k=v>...])
 #
 # Stamps out one kernel variant of the attention generator as a Halide library
 # that uses the project's one shared Halide runtime, and records it for the
@@ -9,10 +10,20 @@ set_property(GLOBAL PROPERTY ATTEND_KERNEL_DECLARATIONS "")
 set_property(GLOBAL PROPERTY ATTEND_KERNEL_LIBRARIES "")
 
 function(attend_add_kernel NAME)
-    cmake_parse_arguments(PARSE_ARGV 1 ARG "" "DEVICE;HEAD_DIM" "TARGETS;PARAMS")
+    cmake_parse_arguments(PARSE_ARGV 1 ARG "" "DEVICE;HEAD_DIM;DTYPE" "TARGETS;PARAMS")
     if (NOT ARG_DEVICE MATCHES "^(cpu|cuda|opencl)$")
         message(FATAL_ERROR "attend_add_kernel(${NAME}): DEVICE must be cpu, cuda or opencl, got '${ARG_DEVICE}'")
     endif ()
+    if (NOT ARG_DTYPE)
+        set(ARG_DTYPE float32)
+    endif ()
+    set(dtype_names float32 Float32 float16 Float16 bfloat16 BFloat16)
+    list(FIND dtype_names "${ARG_DTYPE}" at)
+    if (at LESS 0 OR NOT ARG_DTYPE MATCHES "^(float32|float16|bfloat16)$")
+        message(FATAL_ERROR "attend_add_kernel(${NAME}): DTYPE must be float32, float16 or bfloat16, got '${ARG_DTYPE}'")
+    endif ()
+    math(EXPR at "${at} + 1")
+    list(GET dtype_names ${at} dtype)
     # user_context: Halide errors reach the handler of the call that raised them.
     list(TRANSFORM ARG_TARGETS APPEND "-user_context")
     set(scheduler_args "")
@@ -25,7 +36,7 @@ function(attend_add_kernel NAME)
         FUNCTION_NAME ${NAME}
         USE_RUNTIME attend_halide_runtime
         TARGETS ${ARG_TARGETS}
-        PARAMS head_dim=${ARG_HEAD_DIM} ${ARG_PARAMS}
+        PARAMS head_dim=${ARG_HEAD_DIM} element_type=${ARG_DTYPE} ${ARG_PARAMS}
         ${scheduler_args})
     # Each target's function is also called directly when a call caps the CPU
     # instruction set (Options::cpu_isa): Halide's multi-target wrapper picks one
@@ -60,12 +71,12 @@ function(attend_add_kernel NAME)
     endforeach ()
     set_property(GLOBAL APPEND_STRING PROPERTY ATTEND_KERNEL_DECLARATIONS "${declarations}")
     set_property(GLOBAL APPEND_STRING PROPERTY ATTEND_KERNEL_ENTRIES
-                 "ATTEND_KERNEL(${NAME}, ${device}, ${ARG_HEAD_DIM},${by_isa})\n")
+                 "ATTEND_KERNEL(${NAME}, ${device}, ${ARG_HEAD_DIM}, ${dtype},${by_isa})\n")
     set_property(GLOBAL APPEND PROPERTY ATTEND_KERNEL_LIBRARIES ${NAME})
 endfunction()
 
 # Writes the kernel table: the kernel headers, the per-target functions, and one
-# ATTEND_KERNEL(name, device, head dim, ATTEND_ISA(isa, function)...) per variant.
+# ATTEND_KERNEL(name, device, head dim, dtype, ATTEND_ISA(isa, function)...) per variant.
 function(attend_write_kernel_table FILE)
     get_property(entries GLOBAL PROPERTY ATTEND_KERNEL_ENTRIES)
     get_property(declarations GLOBAL PROPERTY ATTEND_KERNEL_DECLARATIONS)

@@ -44,6 +44,41 @@ Expr exp2_nonpositive(Expr x) {
 
 Expr u32(uint32_t x) { return Internal::make_const(UInt(32), x); }
 
+// float16 and bfloat16 elements as float32 and back. bfloat16 is the top half of
+// a float32 and is converted with bit operations everywhere (Halide 21's CUDA
+// backend fails on bfloat16 casts). Where the target has no 16-bit float type
+// (OpenCL without cl_khr_fp16, e.g. PoCL) the elements are stored as uint16 and
+// float16 is converted with bit operations too, as attend/half.hpp does on the
+// host; rounding is to nearest, ties to even, in every case.
+Expr widen(Expr x, Type element) {
+    if (element == Float(32)) return x;
+    if (element == Float(16) && x.type() == Float(16)) return cast<float>(x);
+    Expr bits = cast<uint32_t>(reinterpret<uint16_t>(x));
+    if (element == BFloat(16)) return reinterpret<float>(bits << 16);
+    Expr sign = (bits & u32(0x8000)) << 16, exponent = (bits >> 10) & u32(0x1f), mantissa = bits & u32(0x3ff);
+    Expr subnormal = cast<float>(mantissa) * (1.0f / 16777216.0f);  // exact: mantissa * 2^-24
+    Expr wide = select(exponent == u32(31), u32(0x7f800000) | (mantissa << 13),
+                       ((exponent + u32(112)) << 23) | (mantissa << 13));
+    return reinterpret<float>(sign | reinterpret<uint32_t>(select(exponent == u32(0), subnormal, reinterpret<float>(wide))));
+}
+
+Expr narrow(Expr x, Type element, Type storage) {
+    if (element == Float(32)) return x;
+    if (storage == Float(16)) return cast(Float(16), x);
+    Expr bits = reinterpret<uint32_t>(x), result;
+    if (element == BFloat(16)) {
+        result = select(is_nan(x), u32(0x7fc0), (bits + u32(0x7fff) + ((bits >> 16) & u32(1))) >> 16);
+    } else {
+        Expr sign = (bits >> 16) & u32(0x8000), magnitude = bits & u32(0x7fffffff);
+        Expr subnormal = cast<uint32_t>(round(reinterpret<float>(magnitude) * 16777216.0f));  // ties to even
+        Expr normal = ((magnitude + u32(0xfff) + ((magnitude >> 13) & u32(1))) >> 13) - u32(112 << 10);
+        result = sign | select(magnitude > u32(0x7f800000), u32(0x7e00),      // NaN
+                               magnitude >= u32(0x477ff000), u32(0x7c00),     // 65520 and above: inf
+                               magnitude < u32(0x38800000), subnormal, normal);
+    }
+    return reinterpret(storage, cast<uint16_t>(result));
+}
+
 // ln(sum_j 2^(s_j)) from a row's state: its max and its sum of 2^(s_j - max), in
 // log2 units. A row whose max is -FLT_MAX has every key masked: -inf.
 Expr log_sum_exp(Expr max_log2, Expr sum) {
@@ -78,9 +113,13 @@ public:
     // overhead against register pressure).
     GeneratorParam<int> gpu_unroll{"gpu_unroll", 1};
 
-    Input<Buffer<float, 4>> q{"q"};
-    Input<Buffer<float, 4>> k{"k"};
-    Input<Buffer<float, 4>> v{"v"};
+    // The element type of q, k, v and out: float32, float16 or bfloat16. Every
+    // sum accumulates in float32; out is rounded once, when it is written.
+    GeneratorParam<Type> element_type{"element_type", Float(32)};
+
+    Input<Buffer<void, 4>> q{"q"};  // element_type (set in configure)
+    Input<Buffer<void, 4>> k{"k"};
+    Input<Buffer<void, 4>> v{"v"};
     Input<Buffer<uint8_t, 2>> mask{"mask"};  // read only when has_mask
     Input<float> scale{"scale"};
     Input<bool> causal{"causal"};
@@ -105,7 +144,23 @@ public:
     // key is masked. The lse does not depend on c: the runtime passes its [b, h, n]
     // buffer with stride 0 in c. (Outputs of one pipeline share one loop nest,
     // and so one computation of the state, only as a Tuple.)
-    Output<Buffer<void, 4>> out{"out", {Float(32), Float(32)}};
+    Output<Buffer<void, 4>> out{"out"};  // {element_type, float32}
+
+    void configure() {
+        const Type t = element_type;
+        _halide_user_assert(t == Float(32) || t == Float(16) || t == BFloat(16))
+            << "element_type must be float32, float16 or bfloat16, got " << t;
+        for (auto *input : {&q, &k, &v}) input->set_type(storage_type());
+        out.set_type({storage_type(), Float(32)});
+    }
+
+    // How elements are stored: element_type, except on OpenCL without cl_half,
+    // where 16-bit floats travel as their bits (uint16).
+    Type storage_type() const {
+        const Target target = get_target();
+        const bool no_half = target.has_feature(Target::OpenCL) && !target.has_feature(Target::CLHalf);
+        return Type(element_type).bits() == 16 && no_half ? UInt(16) : Type(element_type);
+    }
 
     void generate() {
         define_algorithm();
@@ -139,12 +194,12 @@ private:
         Expr key_in = min(key, M - 1);  // loads stay in bounds on a partial last block
 
         // q transposed (rows innermost) and scaled once: scores come out in log2 units.
-        q_scaled(ii, c, io, hq, bb) = q(c, min(row, N - 1), hq, bb) * (scale * float(M_LOG2E));
+        q_scaled(ii, c, io, hq, bb) = widen(q(c, min(row, N - 1), hq, bb), element_type) * (scale * float(M_LOG2E));
 
         // The keys and values of block kb (the GPU stages them in shared memory; k
         // transposed, keys innermost).
-        k_block(jj, c, kb, hq, bb) = k(c, key_in, kv_head, bb);
-        v_block(c, jj, kb, hq, bb) = v(c, key_in, kv_head, bb);
+        k_block(jj, c, kb, hq, bb) = widen(k(c, key_in, kv_head, bb), element_type);
+        v_block(c, jj, kb, hq, bb) = widen(v(c, key_in, kv_head, bb), element_type);
 
         rc = RDom(0, D, "rc");
         score(ii, jj, kb, io, hq, bb) = 0.0f;
@@ -220,7 +275,7 @@ private:
             Tuple st = merged(c, in_tile, tile, hq, bb);
             Tuple row_st = merged(0, ii, io, hq, bb);  // every column has the row's max and sum
             row_lse(ii, io, hq, bb) = log_sum_exp(row_st[0], row_st[1]);
-            out(c, i, hq, bb) = Tuple(st[2] / st[1] * keep_scale, row_lse(in_tile, tile, hq, bb));
+            out(c, i, hq, bb) = Tuple(narrow(st[2] / st[1] * keep_scale, element_type, storage_type()), row_lse(in_tile, tile, hq, bb));
         } else {
             // One state per row: (max, sum, out_0 .. out_{dv-1}).
             const int DV = head_dim;
@@ -243,7 +298,8 @@ private:
             std::vector<Expr> columns(st.as_vector().begin() + 2, st.as_vector().end());
             Tuple row_st = merged(ii, io, hq, bb);
             row_lse(ii, io, hq, bb) = log_sum_exp(row_st[0], row_st[1]);
-            out(c, i, hq, bb) = Tuple(mux(c, columns) / st[1] * keep_scale, row_lse(in_tile, tile, hq, bb));
+            Expr attention = mux(c, columns) / st[1] * keep_scale;
+            out(c, i, hq, bb) = Tuple(narrow(attention, element_type, storage_type()), row_lse(in_tile, tile, hq, bb));
         }
 
         // Strides: k and v must be dense in their head dim (the hot loops read them);
@@ -336,6 +392,13 @@ private:
 
         // Weights times v.
         register_tiled(block_out.in(), block_out, c, rj, pv_row_vectors, pv_cols);
+
+        // 16-bit k and v are widened once per key block, a vector at a time (each
+        // element is then read by every row of the tile), not at every use.
+        if (Type(element_type) != Float(32)) {
+            k_block.compute_at(state, blocks).reorder_storage(c, jj).reorder(c, jj).vectorize(c, VW, TailStrategy::GuardWithIf);
+            v_block.compute_at(state, blocks).vectorize(c, VW, TailStrategy::GuardWithIf);
+        }
 
         // Dropout costs a hash per weight: only the path with it on pays.
         out.specialize(drop_threshold == u32(0));

@@ -36,6 +36,7 @@ TensorView view_of(const char *name, const halide_buffer_t &b);
 struct Problem {
     int64_t b = 0, h = 0, kv_heads = 0, n = 0, m = 0, d = 0, dv = 0;
     TensorView q, k, v, mask, out, lse;  // k, v always 4-D here ([b, 1, m, d] for multi-query); lse optional
+    DType dtype = DType::Float32;  // of q, k, v and out
     Device device = Device::CPU;  // where the kernel runs
     int device_id = 0;            // CUDA: the GPU of the tensors (0 for host tensors)
     Features features;

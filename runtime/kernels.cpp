@@ -3,6 +3,7 @@
 #include <cpuid.h>
 
 #include <algorithm>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -35,11 +36,12 @@ struct KernelEntry {
     const char *name;
     Device device;
     int head_dim;       // 0: generic
+    DType dtype;        // of q, k, v and out
     KernelFn dispatch;  // Halide's multi-target wrapper: the best target of this CPU
     KernelFn by_isa[4];  // one function per CPU target, indexed by CpuIsa; null where not built
 };
 
-// ATTEND_KERNEL(name, device, head dim, ATTEND_ISA(isa, function)...) from the table.
+// ATTEND_KERNEL(name, device, head dim, dtype, ATTEND_ISA(isa, function)...) from the table.
 struct IsaFunctions {
     KernelFn by_isa[4] = {};
     IsaFunctions &add(CpuIsa isa, KernelFn function) {
@@ -47,14 +49,15 @@ struct IsaFunctions {
         return *this;
     }
 };
-KernelEntry make_entry(const char *name, Device device, int head_dim, KernelFn dispatch, const IsaFunctions &isas) {
-    KernelEntry e{name, device, head_dim, dispatch, {}};
+KernelEntry make_entry(const char *name, Device device, int head_dim, DType dtype, KernelFn dispatch,
+                       const IsaFunctions &isas) {
+    KernelEntry e{name, device, head_dim, dtype, dispatch, {}};
     std::copy(std::begin(isas.by_isa), std::end(isas.by_isa), e.by_isa);
     return e;
 }
 #define ATTEND_ISA(isa, function) .add(CpuIsa::isa, function)
-#define ATTEND_KERNEL(function, device, head_dim, ...) \
-    make_entry(#function, Device::device, head_dim, function, IsaFunctions() __VA_ARGS__),
+#define ATTEND_KERNEL(function, device, head_dim, dtype, ...) \
+    make_entry(#function, Device::device, head_dim, DType::dtype, function, IsaFunctions() __VA_ARGS__),
 const KernelEntry kKernels[] = {ATTEND_KERNEL_TABLE};
 #undef ATTEND_KERNEL
 #undef ATTEND_ISA
@@ -76,7 +79,20 @@ bool fits_padded(const KernelEntry &e, int64_t head_dim, int64_t value_dim) {
     return e.device != Device::CPU && e.head_dim >= std::max(head_dim, value_dim);
 }
 
-KernelInfo info_of(const KernelEntry &e) { return KernelInfo{e.name, e.device, e.head_dim}; }
+KernelInfo info_of(const KernelEntry &e) { return KernelInfo{e.name, e.device, e.head_dim, e.dtype}; }
+
+size_t element_bytes(DType dtype) { return dtype == DType::Float32 ? 4 : 2; }
+
+// The element type a kernel takes: the dtype, except that OpenCL kernels take
+// 16-bit floats as their bits (uint16; see the generator's storage_type).
+halide_type_t halide_type_of(DType dtype, Device device) {
+    if (device == Device::OpenCL && dtype != DType::Float32) return halide_type_t(halide_type_uint, 16);
+    switch (dtype) {
+    case DType::Float16: return halide_type_t(halide_type_float, 16);
+    case DType::BFloat16: return halide_type_t(halide_type_bfloat, 16);
+    default: return halide_type_t(halide_type_float, 32);
+    }
+}
 
 // The function for a capped instruction set: the best target at or below the cap.
 // (Halide's multi-target wrapper picks a target on its first call and keeps it,
@@ -168,10 +184,12 @@ struct KernelBuffer {
     }
 };
 
-// A dense host copy (C order) of t (any strides) whose last dim is widened to
-// `width` with zeros: zero columns of q and k add nothing to a score, and those
-// of v give output columns that unpad_into drops. copy=false: zeros only.
-detail::TensorView padded(const detail::TensorView &t, int64_t width, std::vector<float> &storage, bool copy = true) {
+// A dense host copy (C order) of t (any strides, elements of `bytes` bytes) whose
+// last dim is widened to `width` with zeros (all-zero bits: +0 in every float
+// type): zero columns of q and k add nothing to a score, and those of v give
+// output columns that unpad_into drops. copy=false: zeros only.
+detail::TensorView padded(const detail::TensorView &t, int64_t width, size_t bytes, std::vector<uint8_t> &storage,
+                          bool copy = true) {
     detail::TensorView wide = t;
     wide.halide = nullptr;
     wide.device = DLDevice{kDLCPU, 0};
@@ -181,28 +199,33 @@ detail::TensorView padded(const detail::TensorView &t, int64_t width, std::vecto
         wide.strides[i] = stride;
         stride *= wide.shape[i];
     }
-    storage.assign(size_t(stride), 0.0f);
+    storage.assign(size_t(stride) * bytes, 0);
     wide.data = storage.data();
     if (!copy) return wide;
-    const float *src = static_cast<const float *>(t.data);
+    const auto *src = static_cast<const uint8_t *>(t.data);
     for (int64_t a = 0; a < t.shape[0]; a++)
         for (int64_t b = 0; b < t.shape[1]; b++)
             for (int64_t c = 0; c < t.shape[2]; c++)
                 for (int64_t e = 0; e < t.shape[3]; e++)
-                    storage[size_t(((a * t.shape[1] + b) * t.shape[2] + c) * width + e)] =
-                        src[a * t.strides[0] + b * t.strides[1] + c * t.strides[2] + e * t.strides[3]];
+                    std::memcpy(&storage[size_t(((a * t.shape[1] + b) * t.shape[2] + c) * width + e) * bytes],
+                                src + (a * t.strides[0] + b * t.strides[1] + c * t.strides[2] + e * t.strides[3]) *
+                                          int64_t(bytes),
+                                bytes);
     return wide;
 }
 
-void unpad_into(const detail::TensorView &wide, const detail::TensorView &out) {
-    const float *src = static_cast<const float *>(wide.data);
-    float *dst = static_cast<float *>(out.data);
+void unpad_into(const detail::TensorView &wide, const detail::TensorView &out, size_t bytes) {
+    const auto *src = static_cast<const uint8_t *>(wide.data);
+    auto *dst = static_cast<uint8_t *>(out.data);
     for (int64_t a = 0; a < out.shape[0]; a++)
         for (int64_t b = 0; b < out.shape[1]; b++)
             for (int64_t c = 0; c < out.shape[2]; c++)
                 for (int64_t e = 0; e < out.shape[3]; e++)
-                    dst[a * out.strides[0] + b * out.strides[1] + c * out.strides[2] + e * out.strides[3]] =
-                        src[a * wide.strides[0] + b * wide.strides[1] + c * wide.strides[2] + e];
+                    std::memcpy(dst + (a * out.strides[0] + b * out.strides[1] + c * out.strides[2] +
+                                       e * out.strides[3]) * int64_t(bytes),
+                                src + (a * wide.strides[0] + b * wide.strides[1] + c * wide.strides[2] + e) *
+                                          int64_t(bytes),
+                                bytes);
 }
 
 // The kernels write lse as the second value of out (c, i, h, b): they get lse
@@ -260,9 +283,9 @@ bool host_readable(const detail::TensorView &t) {
 
 // k and v are read in the kernels' hot loops, which need their head dim dense:
 // a strided one is copied to dense memory (C order), once per call.
-detail::TensorView dense_head_dim(const detail::TensorView &t, std::vector<float> &storage) {
+detail::TensorView dense_head_dim(const detail::TensorView &t, size_t bytes, std::vector<uint8_t> &storage) {
     if (t.strides[3] == 1 || t.shape[3] <= 1) return t;
-    return padded(t, t.shape[3], storage);
+    return padded(t, t.shape[3], bytes, storage);
 }
 
 }  // namespace
@@ -273,28 +296,34 @@ std::optional<KernelInfo> select_kernel(Device device, DType dtype, int64_t head
         if (why_not) *why_not = std::move(reason);
         return std::nullopt;
     };
-    if (dtype != DType::Float32) return refuse("only float32 kernels are built");
     if (head_dim < 1 || value_dim < 0) return refuse("head dims must be positive");
     if (device == Device::Auto) device = Device::CPU;  // host tensors
     const KernelEntry *generic = nullptr, *padded = nullptr;
+    bool any_of_device = false;
     for (const KernelEntry &e : kKernels) {
         if (e.device != device) continue;
+        any_of_device = true;
+        if (e.dtype != dtype) continue;
         if (e.head_dim != 0 && fits(e, head_dim, value_dim)) return info_of(e);  // specialised first, in build order
         if (e.head_dim == 0 && !generic) generic = &e;
         if (fits_padded(e, head_dim, value_dim) && (!padded || e.head_dim < padded->head_dim)) padded = &e;
     }
     if (generic) return info_of(*generic);
     if (padded) return info_of(*padded);
+    if (!any_of_device) return refuse(std::string("no ") + to_string(device) + " kernels in this build");
     std::string dims;
     for (const KernelEntry &e : kKernels) {
-        if (e.device == device && dims.find(" " + std::to_string(e.head_dim) + ",") == std::string::npos) {
+        if (e.device == device && e.dtype == dtype && dims.find(" " + std::to_string(e.head_dim) + ",") == std::string::npos) {
             dims += " " + std::to_string(e.head_dim) + ",";
         }
     }
-    if (dims.empty()) return refuse(std::string("no ") + to_string(device) + " kernels in this build");
+    if (dims.empty()) {
+        return refuse(std::string("no ") + to_string(dtype) + " " + to_string(device) +
+                      " kernels in this build (ATTEND_DTYPES)");
+    }
     dims.pop_back();
-    return refuse(std::string("no ") + to_string(device) + " kernel for d=" + std::to_string(head_dim) +
-                  ", dv=" + std::to_string(value_dim) + " in this build (it has d = dv =" + dims +
+    return refuse(std::string("no ") + to_string(dtype) + " " + to_string(device) + " kernel for d=" +
+                  std::to_string(head_dim) + ", dv=" + std::to_string(value_dim) + " in this build (it has d = dv =" + dims +
                   "; smaller d and dv run padded)");
 }
 
@@ -334,6 +363,15 @@ const char *to_string(CpuIsa isa) {
     case CpuIsa::AVX512: return "avx512";
     case CpuIsa::AVX2: return "avx2";
     case CpuIsa::Baseline: return "baseline";
+    }
+    return "unknown";
+}
+
+const char *to_string(DType dtype) {
+    switch (dtype) {
+    case DType::Float32: return "float32";
+    case DType::Float16: return "float16";
+    case DType::BFloat16: return "bfloat16";
     }
     return "unknown";
 }
@@ -392,6 +430,10 @@ const KernelEntry &choose_kernel(const Problem &p, const Options &options) {
                                         ", got d=" + std::to_string(p.d) +
                                         ", dv=" + std::to_string(p.dv));
         }
+        if (kernel->dtype != p.dtype) {
+            throw std::invalid_argument(std::string("attend: options.kernel: ") + kernel->name + " takes " +
+                                        to_string(kernel->dtype) + " but the tensors are " + to_string(p.dtype));
+        }
         if (kernel->device != p.device) {
             throw std::invalid_argument(std::string("attend: options.kernel: ") + kernel->name + " runs on " +
                                         to_string(kernel->device) + " but this call runs on " +
@@ -399,7 +441,7 @@ const KernelEntry &choose_kernel(const Problem &p, const Options &options) {
         }
     } else {
         std::string why_not;
-        auto chosen = select_kernel(p.device, DType::Float32, p.d, p.dv, p.features, &why_not);
+        auto chosen = select_kernel(p.device, p.dtype, p.d, p.dv, p.features, &why_not);
         if (!chosen) throw std::invalid_argument("attend: unsupported call: " + why_not);
         kernel = find_kernel(chosen->name);
     }
@@ -437,12 +479,13 @@ void run(const Problem &p, const Options &options) {
     if (p.empty()) return;
     if (kernel->device == Device::CUDA) prepare_cuda(p.device_id);
 
-    std::vector<float> q_storage, k_storage, v_storage, out_storage;
+    std::vector<uint8_t> q_storage, k_storage, v_storage, out_storage;
+    const size_t bytes = element_bytes(p.dtype);
     TensorView q = p.q, k = p.k, v = p.v, out = p.out;
     const bool pad = kernel->head_dim != 0 && !fits(*kernel, p.d, p.dv);
     if (!pad) {
-        k = dense_head_dim(p.k, k_storage);
-        v = dense_head_dim(p.v, v_storage);
+        k = dense_head_dim(p.k, bytes, k_storage);
+        v = dense_head_dim(p.v, bytes, v_storage);
     } else {
         if (!host_readable(p.q) || !host_readable(p.k) || !host_readable(p.v) || !host_readable(p.out)) {
             throw std::invalid_argument(std::string("attend: q: ") + kernel->name + " runs d = dv = " +
@@ -450,10 +493,10 @@ void run(const Problem &p, const Options &options) {
                                         std::to_string(p.d) + ", dv=" + std::to_string(p.dv) +
                                         ") are padded on the host, so they need host tensors");
         }
-        q = padded(p.q, kernel->head_dim, q_storage);
-        k = padded(p.k, kernel->head_dim, k_storage);
-        v = padded(p.v, kernel->head_dim, v_storage);
-        out = padded(p.out, kernel->head_dim, out_storage, /*copy=*/false);
+        q = padded(p.q, kernel->head_dim, bytes, q_storage);
+        k = padded(p.k, kernel->head_dim, bytes, k_storage);
+        v = padded(p.v, kernel->head_dim, bytes, v_storage);
+        out = padded(p.out, kernel->head_dim, bytes, out_storage, /*copy=*/false);
     }
     // Without a mask the kernels still take one, never read: a single byte seen as
     // [b, m] by strides 0; on a GPU one uninitialised byte of device memory
@@ -470,8 +513,8 @@ void run(const Problem &p, const Options &options) {
     const int64_t all_keys_rows = all_keys_rows_of(p);
     std::vector<float> lse_scratch;
     const TensorView lse = lse_for_kernel(p, out.shape[3], kernel->device, lse_scratch);
-    const halide_type_t f32(halide_type_float, 32), u8(halide_type_uint, 8);
-    KernelBuffer q_buf(q, f32), k_buf(k, f32), v_buf(v, f32), mask_buf(mask, u8), out_buf(out, f32),
+    const halide_type_t element = halide_type_of(p.dtype, kernel->device), f32(halide_type_float, 32), u8(halide_type_uint, 8);
+    KernelBuffer q_buf(q, element), k_buf(k, element), v_buf(v, element), mask_buf(mask, u8), out_buf(out, element),
         lse_buf(lse, f32);
 
     install_halide_hooks();
@@ -520,7 +563,7 @@ void run(const Problem &p, const Options &options) {
         }
     }
     if (status != 0) throw failed(stage, status);
-    if (pad) unpad_into(out, p.out);
+    if (pad) unpad_into(out, p.out, bytes);
     // A CPU kernel wrote the host memory of a caller's Halide buffer: its device copy is stale.
     for (const TensorView *written : {&p.out, &p.lse}) {
         if (!gpu && written->halide && written->halide->device_interface) {

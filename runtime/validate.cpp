@@ -106,6 +106,15 @@ void check_basic(const TensorView &t, std::initializer_list<int> ranks, const ch
     }
 }
 
+// q's element type as a DType; throws unless float32, float16 or bfloat16.
+DType element_type(const TensorView &q) {
+    const DLDataType t = q.dtype;
+    if (t.lanes == 1 && t.code == kDLFloat && t.bits == 32) return DType::Float32;
+    if (t.lanes == 1 && t.code == kDLFloat && t.bits == 16) return DType::Float16;
+    if (t.lanes == 1 && t.code == kDLBfloat && t.bits == 16) return DType::BFloat16;
+    fail(std::string(q.name) + ": expected dtype float32, float16 or bfloat16, got " + dtype_string(t));
+}
+
 void check_float32(const TensorView &t) {
     if (!is_float32(t.dtype)) {
         fail(std::string(t.name) + ": expected dtype float32, got " + dtype_string(t.dtype));
@@ -294,7 +303,13 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
     check_basic(out, {4}, "4 dims [b, h, n, dv]");
     if (mask.present) check_basic(mask, {2}, "2 dims [b, m]");
     if (lse.present) check_basic(lse, {3}, "3 dims [b, h, n]");
-    for (const TensorView *t : {&q, &k, &v, &out}) check_float32(*t);
+    const DType dtype = element_type(q);
+    for (const TensorView *t : {&k, &v, &out}) {
+        if (t->dtype.code != q.dtype.code || t->dtype.bits != q.dtype.bits || t->dtype.lanes != q.dtype.lanes) {
+            fail(std::string(t->name) + ": dtype " + dtype_string(t->dtype) + " differs from q's " +
+                 dtype_string(q.dtype) + "; q, k, v and out must have one dtype");
+        }
+    }
     if (lse.present) check_float32(lse);
     if (mask.present && !is_mask_type(mask.dtype)) {
         fail(std::string("mask: expected dtype bool (or uint8), got ") + dtype_string(mask.dtype));
@@ -364,6 +379,7 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
     p.mask = mask;
     p.out = out;
     p.lse = lse;
+    p.dtype = dtype;
     p.device = run_on;
     p.device_id = q.device.device_type == kDLCUDA ? q.device.device_id : 0;
     for (const TensorView *t : {&p.k, &p.v}) {

@@ -2,14 +2,15 @@
 // a message on stderr naming what is wrong, OUT.npy untouched).
 #include <sys/wait.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
+#include "low_precision.hpp"
 #include "npy.hpp"
-#include "support.hpp"
 
 using namespace attend;
 using namespace attend::test;
@@ -122,6 +123,34 @@ TEST_CASE("attend run: --lse writes each row's log-sum-exp, as the library does"
     c.p.run();
     CHECK(std::vector<float>(lse.f32(), lse.f32() + lse.numel()) == c.p.lse->dense());
     CHECK(c.ws.attend("run " + c.files + " --lse " + c.ws.path("out.npy")).status == 2);  // the same file as --out
+}
+
+TEST_CASE("attend run: --dtype float16 and bfloat16 equal the library call on rounded inputs") {
+    for (DType dtype : {DType::Float16, DType::BFloat16}) {
+        CliProblem c;
+        auto r = c.ws.attend("run " + c.files + " --dtype " + to_string(dtype));
+        INFO(to_string(dtype) << ": " << r.err);
+        REQUIRE(r.status == 0);
+        auto out = npy::read(c.ws.path("out.npy"));
+        // numpy has float16 but no bfloat16: a bfloat16 out comes as float32, exactly.
+        CHECK(out.dtype == (dtype == DType::Float16 ? npy::DType::Float16 : npy::DType::Float32));
+        std::vector<float> got;
+        for (int64_t e = 0; e < out.numel(); e++) {
+            if (out.dtype == npy::DType::Float32) {
+                got.push_back(out.f32()[e]);
+            } else {
+                uint16_t bits;
+                std::memcpy(&bits, out.data.data() + 2 * e, 2);
+                got.push_back(float16_bits_to_float(bits));
+            }
+        }
+        LowPrecisionRun library(c.p, dtype);
+        library.run();
+        CHECK(got == library.out_values());
+    }
+    CliProblem c;
+    CHECK(c.ws.attend("run " + c.files + " --dtype float64").status == 2);
+    CHECK(c.out_untouched());
 }
 
 TEST_CASE("attend run: --causal-align bottom-right equals the library call") {

@@ -11,7 +11,7 @@
 
 #include <HalideRuntime.h>
 
-#include "support.hpp"
+#include "low_precision.hpp"
 
 using namespace attend;
 using namespace attend::test;
@@ -25,7 +25,7 @@ Device g_device = Device::OpenCL;
 std::vector<std::string> kernels_for(int64_t d, int64_t dv) {
     std::vector<std::string> names;
     for (const auto &k : available_kernels()) {
-        if (k.device == g_device && k.head_dim == d && d == dv) names.push_back(k.name);
+        if (k.device == g_device && k.dtype == DType::Float32 && k.head_dim == d && d == dv) names.push_back(k.name);
     }
     if (names.empty()) {
         auto chosen = select_kernel(g_device, DType::Float32, d, dv, {});
@@ -181,6 +181,27 @@ TEST_CASE("dropout: the same weights are dropped as on the CPU, and the result m
         INFO("causal=" << causal << " dropped " << dropped << " of " << on_gpu.size());
         CHECK(differing == 0);
         CHECK(dropped > int64_t(on_gpu.size()) / 4);  // p = 0.3 (causal: plus the masked keys)
+    }
+}
+
+TEST_CASE("float16 and bfloat16: against the reference and the float32 kernel") {
+    ProblemSpec plain = spec_of(2, 2, 65, 130, 64), masked = spec_of(1, 4, 70, 90, 32), padded = spec_of(2, 1, 33, 50, 24);
+    masked.mask = true;
+    masked.kv_heads = 2;
+    Options causal;
+    causal.causal = true;
+    for (DType dtype : {DType::Float16, DType::BFloat16}) {
+        for (auto [spec, options] : {std::pair{plain, Options{}}, {masked, causal}, {padded, Options{}}}) {
+            INFO(to_string(dtype) << " " << describe(spec, options));
+            auto p = make_problem(spec, options);
+            round_inputs(p, dtype);
+            auto expected = p.expected();
+            p.run();  // the float32 CPU kernel on the same inputs
+            LowPrecisionRun run(p, dtype);
+            run.options.device = g_device;
+            run.run();
+            check_low_precision(p, run, expected, p.out.dense());
+        }
     }
 }
 

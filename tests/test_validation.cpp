@@ -77,9 +77,9 @@ std::vector<BadCase> bad_cases() {
         {"negative dim", [](Call &c) { c.q.shape[2] = -5; }, {"q:", "negative size -5"}},
         {"negative stride", [](Call &c) { c.q.strides[2] = -8; }, {"q:", "stride of dim 2 is -8", "negative strides"}},
         {"q float64", [](Call &c) { c.q.dtype = DLDataType{kDLFloat, 64, 1}; }, {"q:", "expected dtype float32", "got float64"}},
-        {"k float16", [](Call &c) { c.k.dtype = DLDataType{kDLFloat, 16, 1}; }, {"k:", "float32", "got float16"}},
-        {"v int32", [](Call &c) { c.v.dtype = DLDataType{kDLInt, 32, 1}; }, {"v:", "float32", "got int32"}},
-        {"out bfloat16", [](Call &c) { c.out.dtype = DLDataType{kDLBfloat, 16, 1}; }, {"out:", "float32", "got bfloat16"}},
+        {"k float16", [](Call &c) { c.k.dtype = DLDataType{kDLFloat, 16, 1}; }, {"k:", "dtype float16 differs from q's float32", "one dtype"}},
+        {"v int32", [](Call &c) { c.v.dtype = DLDataType{kDLInt, 32, 1}; }, {"v:", "dtype int32 differs from q's float32"}},
+        {"out bfloat16", [](Call &c) { c.out.dtype = DLDataType{kDLBfloat, 16, 1}; }, {"out:", "dtype bfloat16 differs from q's float32"}},
         {"q vector lanes", [](Call &c) { c.q.dtype = DLDataType{kDLFloat, 32, 4}; }, {"q:", "got float32x4"}},
         {"mask float", [](Call &c) { c.mask.dtype = float32_type(); }, {"mask:", "bool", "got float32"}},
         {"null q data", [](Call &c) { c.q.data = nullptr; }, {"q:", "data is null"}},
@@ -107,7 +107,7 @@ std::vector<BadCase> bad_cases() {
         {"unknown kernel", [](Call &c) { c.options.kernel = "attend_cpu_d7"; }, {"options.kernel", "attend_cpu_d7"}},
         {"kernel of another head dim", [](Call &c) { c.options.kernel = "attend_cpu_d64"; }, {"options.kernel", "d == dv == 64", "d=8"}},
         {"extent past 32 bits", [](Call &c) { reshaped[0] = 2; reshaped[1] = 4; reshaped[2] = 5; reshaped[3] = int64_t(1) << 31; c.q.shape = reshaped; }, {"q:", "32-bit indexing"}},
-        {"lse has 4 dims", [](Call &c) { c.lse.ndim = 4; c.lse.shape = c.out.shape; }, {"lse:", "3 dims [b, h, n]", "got 4 dims"}},
+        {"lse has 4 dims", [](Call &c) { c.lse.ndim = 4; c.lse.shape = c.out.shape; c.lse.strides = c.out.strides; }, {"lse:", "3 dims [b, h, n]", "got 4 dims"}},
         {"lse shape wrong", [](Call &c) { c.lse.shape[2] = 6; }, {"lse:", "expected shape [2, 4, 5]", "got [2, 4, 6]"}},
         {"lse float64", [](Call &c) { c.lse.dtype = DLDataType{kDLFloat, 64, 1}; }, {"lse:", "float32", "got float64"}},
         {"null lse data", [](Call &c) { c.lse.data = nullptr; }, {"lse:", "data is null"}},
@@ -200,7 +200,7 @@ TEST_CASE("Halide buffers: the same call in Halide's order") {
     }
     SUBCASE("bad Halide buffers are rejected by name") {
         Buffer<double> q64(spec.d, spec.n, spec.h, spec.b);
-        CHECK_THROWS_WITH_AS(forward(q64, k, v, mask, out), doctest::Contains("q: expected dtype float32, got float64"),
+        CHECK_THROWS_WITH_AS(forward(q64, k, v, mask, out), doctest::Contains("q: expected dtype float32, float16 or bfloat16, got float64"),
                              std::invalid_argument);
         Buffer<float> wrong_out(spec.dv, spec.n + 1, spec.h, spec.b);
         CHECK_THROWS_WITH_AS(forward(q, k, v, mask, wrong_out), doctest::Contains("out: expected shape"),

@@ -23,6 +23,9 @@
 // masked has none: its lse is -inf (and its out, as in the seed, the mean of v).
 // With out it is what merge() needs to combine attentions over disjoint keys.
 //
+// dtypes: q, k, v and out are all float32, all float16 or all bfloat16 (DLPack
+// kDLFloat 32/16, kDLBfloat 16); mask is bool or uint8; lse is float32.
+//
 // Strides: any non-negative strides are accepted. k and v are read in place when
 // their head dim is dense (stride 1) and copied to dense memory otherwise; q,
 // mask, out and lse are used in place with any strides. out and lse must not
@@ -61,7 +64,9 @@
 namespace attend {
 
 enum class Device { Auto, CPU, CUDA, OpenCL };
-enum class DType { Float32 };
+// The element type of q, k, v and out (one for all four; lse is float32).
+// Float16 and BFloat16 kernels accumulate in float32 and round out once.
+enum class DType { Float32, Float16, BFloat16 };
 
 // Which instruction set the CPU kernels may use. Auto lets the multi-target
 // dispatch pick the best this CPU has; the others cap it (tests and benchmarks
@@ -105,6 +110,7 @@ struct KernelInfo {
     std::string name;  // e.g. "attend_cpu_d64"
     Device device = Device::CPU;
     int head_dim = 0;  // 0: generic (any d and dv); else d == dv == head_dim
+    DType dtype = DType::Float32;  // of q, k, v and out
 };
 
 // The one decision of which kernel runs a call: answers "is this supported?"
@@ -117,6 +123,7 @@ ATTEND_API std::vector<KernelInfo> available_kernels();
 ATTEND_API std::vector<CpuIsa> supported_cpu_isas();
 ATTEND_API const char *to_string(CpuIsa isa);
 ATTEND_API const char *to_string(Device device);
+ATTEND_API const char *to_string(DType dtype);
 
 // Halide's device interface for CUDA or OpenCL, to give Halide buffers a device
 // allocation (buffer.device_malloc(attend::device_interface(Device::CUDA)));

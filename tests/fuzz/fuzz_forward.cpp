@@ -156,6 +156,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     // Decided last, so that inputs saved before lse existed decode as they did.
     const bool with_lse = in.ConsumeBool();
     FuzzTensor lse = make(in, {b, h, n}, f32);
+    // Sometimes float16 or bfloat16 for every float32 one of q, k, v and out.
+    const int low_precision = in.ConsumeIntegralInRange(0, 5);
+    if (low_precision >= 4) {
+        const DLDataType half = low_precision == 4 ? DLDataType{kDLFloat, 16, 1} : DLDataType{kDLBfloat, 16, 1};
+        for (FuzzTensor *t : {&q, &k, &v, &out}) {
+            if (t->dtype.code == f32.code && t->dtype.bits == 32 && t->dtype.lanes == 1) t->dtype = half;
+        }
+    }
 
     for (FuzzTensor *t : {&q, &k, &v, &out, &mask, &lse}) {
         if (!t->allocate(in)) return 0;  // larger than this harness allocates
