@@ -4,7 +4,9 @@
 For each shape: Attend (through `attend bench --json`), PyTorch's
 scaled_dot_product_attention, and the seed module's own math path (exec'd from
 ../shared/seed, small shapes only: it needs n*m memory), all fp32 on the CPU
-with the same thread count, plus this machine's FMA peak from fma_peak.
+with the same thread count, plus this machine's FMA peak from fma_peak; then
+float16 and bfloat16 rows: Attend's 16-bit kernels next to SDPA on tensors of
+that dtype (the seed's math path only in fp32).
 
 Prints a table (GFLOP/s, ratio to SDPA, fraction of the peak), writes the
 figures as JSON and a PNG plot of GFLOP/s against n.
@@ -34,6 +36,7 @@ def parse_args():
     ap.add_argument("--repeats", type=int, default=7, help="timed calls per implementation and shape")
     ap.add_argument("--quick", action="store_true", help="only n=m in {64, 256, 1024}")
     ap.add_argument("--seed-math-max-n", type=int, default=1024, help="largest n for the seed's math path")
+    ap.add_argument("--dtypes", default="float32,float16,bfloat16", help="which rows to run, by dtype")
     ap.add_argument("--json", default=str(REPO / "bench" / "results" / "compare_torch.json"))
     ap.add_argument("--plot", default=str(REPO / "bench" / "results" / "compare_torch.png"))
     return ap.parse_args()
@@ -49,6 +52,12 @@ def shapes(quick):
                 out.append(dict(b=2, h=8, n=n, d=d, causal=causal, mask=False, mq=False))
     out.append(dict(b=2, h=8, n=1024, d=64, causal=False, mask=True, mq=False))
     out.append(dict(b=2, h=8, n=1024, d=64, causal=False, mask=False, mq=True))
+    for s in out:
+        s["dtype"] = "float32"
+    for dtype in ("float16", "bfloat16"):
+        for n in (256, 1024):
+            for causal in (False, True):
+                out.append(dict(b=2, h=8, n=n, d=64, causal=causal, mask=False, mq=False, dtype=dtype))
     return out
 
 
@@ -58,7 +67,8 @@ def flops(s):
 
 def label(s):
     extra = "".join([" causal" if s["causal"] else "", " mask" if s["mask"] else "", " mq" if s["mq"] else ""])
-    return f"n={s['n']} d={s['d']}{extra}"
+    dtype = "" if s["dtype"] == "float32" else f" {s['dtype']}"
+    return f"n={s['n']} d={s['d']}{extra}{dtype}"
 
 
 def fma_peak(build, threads):
@@ -72,7 +82,7 @@ def fma_peak(build, threads):
 
 def attend_ms(build, s, repeats, threads):
     cmd = [str(Path(build) / "bin" / "attend"), "bench", "--b", str(s["b"]), "--h", str(s["h"]), "--n", str(s["n"]),
-           "--m", str(s["n"]), "--d", str(s["d"]), "--repeats", str(repeats), "--json"]
+           "--m", str(s["n"]), "--d", str(s["d"]), "--repeats", str(repeats), "--dtype", s["dtype"], "--json"]
     cmd += ["--causal"] if s["causal"] else []
     cmd += ["--mask"] if s["mask"] else []
     cmd += ["--kv-heads", "0"] if s["mq"] else []
@@ -101,7 +111,8 @@ def torch_inputs(torch, s):
     if s["mask"]:
         mask = torch.ones(b, n, dtype=torch.bool)
         mask[:, n * 9 // 10:] = False  # the last 10 % of keys padded, as `attend bench --mask`
-    return q, k, v, mask
+    dtype = getattr(torch, s["dtype"])
+    return q.to(dtype), k.to(dtype), v.to(dtype), mask
 
 
 def sdpa_ms(torch, s, repeats):
@@ -131,24 +142,28 @@ def main():
     peak = fma_peak(args.build, args.threads)
     print(f"threads {args.threads}; torch {torch.__version__} (cpu capability {torch.backends.cpu.get_cpu_capability()});"
           f" FMA peak {peak if peak else 'unavailable'} GFLOP/s")
-    header = f"{'shape':<28}{'Attend':>9}{'SDPA':>9}{'seed math':>11}{'Attend/SDPA':>13}{'of peak':>9}"
+    header = f"{'shape':<36}{'Attend':>9}{'SDPA':>9}{'seed math':>11}{'Attend/SDPA':>13}{'of peak':>9}"
     print(header + "\n" + "-" * len(header))
     rows = []
-    for s in shapes(args.quick):
+    for s in [s for s in shapes(args.quick) if s["dtype"] in args.dtypes.split(",")]:
         gf = flops(s) / 1e6
         attend = gf / attend_ms(args.build, s, args.repeats, args.threads)
         sdpa = gf / sdpa_ms(torch, s, args.repeats)
-        seed = gf / seed_math_ms(torch, attend_class, s, min(args.repeats, 3)) if s["n"] <= args.seed_math_max_n else None
+        with_seed = s["n"] <= args.seed_math_max_n and s["dtype"] == "float32"
+        seed = gf / seed_math_ms(torch, attend_class, s, min(args.repeats, 3)) if with_seed else None
         row = dict(s, attend_gflops=attend, sdpa_gflops=sdpa, seed_math_gflops=seed, ratio_to_sdpa=attend / sdpa,
                    fraction_of_peak=attend / peak if peak else None)
         rows.append(row)
-        print(f"{label(s):<28}{attend:>9.1f}{sdpa:>9.1f}{(f'{seed:.1f}' if seed else '-'):>11}{attend / sdpa:>12.2f}x"
+        print(f"{label(s):<36}{attend:>9.1f}{sdpa:>9.1f}{(f'{seed:.1f}' if seed else '-'):>11}{attend / sdpa:>12.2f}x"
               f"{(f'{attend / peak:.0%}' if peak else '-'):>9}", flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(dict(threads=args.threads, fma_peak_gflops=peak, torch=torch.__version__,
                                                rows=rows), indent=1))
-    plot(rows, peak, args.plot)
-    print(f"wrote {args.json} and {args.plot}")
+    if any(r["dtype"] == "float32" for r in rows):
+        plot(rows, peak, args.plot)
+        print(f"wrote {args.json} and {args.plot}")
+    else:
+        print(f"wrote {args.json}")
 
 
 def plot(rows, peak, path):
@@ -161,7 +176,8 @@ def plot(rows, peak, path):
                                  ("seed math path", "seed_math_gflops", "^")):
             for causal in (False, True):
                 pts = [(r["n"], r[key]) for r in rows
-                       if r["d"] == d and r["causal"] == causal and not r["mask"] and not r["mq"] and r[key]]
+                       if r["d"] == d and r["causal"] == causal and not r["mask"] and not r["mq"] and r[key]
+                       and r["dtype"] == "float32"]
                 if pts:
                     ax.plot(*zip(*pts), style, linestyle="--" if causal else "-",
                             label=f"{impl}{' causal' if causal else ''}")

@@ -93,3 +93,20 @@ TEST_CASE("low-precision dtypes: one dtype for q, k, v and out, named in the err
     std::string why_not;
     CHECK(select_kernel(Device::CPU, DType::BFloat16, 64, 64, {}, &why_not)->dtype == DType::BFloat16);
 }
+
+TEST_CASE("float16 through Halide buffers (Halide's order, its float16 type)") {
+    auto p = make_problem(spec_of(1, 2, 20, 30, 64));
+    round_inputs(p, DType::Float16);
+    auto expected = p.expected();
+    p.run();
+    const auto fp32_out = p.out.dense();
+    LowPrecisionRun run(p, DType::Float16);
+    const halide_type_t f16(halide_type_float, 16);
+    auto buffer = [&](Tensor<uint16_t> &t) {
+        return Halide::Runtime::Buffer<void>(f16, t.storage.data(), 64, int(t.shape[2]), 2, 1);  // (d, n|m, h, b)
+    };
+    Halide::Runtime::Buffer<void> q = buffer(run.q), k = buffer(run.k), v = buffer(run.v), out = buffer(run.out);
+    Halide::Runtime::Buffer<float> lse(run.lse.storage.data(), 20, 2, 1);
+    forward(q, k, v, Halide::Runtime::Buffer<const void>(), out, lse);
+    check_low_precision(p, run, expected, fp32_out);
+}
