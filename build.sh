@@ -71,7 +71,7 @@ build() {
 run_fuzz() {
     local seconds="$1" fuzz="$ROOT/build-fuzz"
     CC=clang CXX=clang++ build "$fuzz" -DATTEND_FUZZ=ON -DATTEND_SANITIZE=address,undefined,fuzzer-no-link \
-        -DATTEND_CUDA=OFF -DATTEND_OPENCL=OFF -DATTEND_BUILD_TESTS=OFF -DATTEND_BUILD_BENCH=OFF
+        -DATTEND_CUDA=OFF -DATTEND_OPENCL=OFF -DATTEND_BUILD_TESTS=OFF -DATTEND_BUILD_BENCH=OFF -DATTEND_CROSS_TARGETS=
     for harness in forward npy; do
         local corpus="$ROOT/tests/fuzz/corpus/$harness" scratch="$fuzz/corpus/$harness"
         mkdir -p "$scratch"
@@ -94,7 +94,7 @@ run_tests() {
     # The same suite with the project's own code under ASan + UBSan. The consumer
     # example links the installed library without sanitizers, so it runs above only.
     local sanitize="$ROOT/build-sanitize"
-    build "$sanitize" -DATTEND_SANITIZE=address,undefined -DATTEND_BUILD_BENCH=OFF
+    build "$sanitize" -DATTEND_SANITIZE=address,undefined -DATTEND_BUILD_BENCH=OFF -DATTEND_CROSS_TARGETS=
     say "test suite under AddressSanitizer + UndefinedBehaviorSanitizer"
     "$VENV/bin/ctest" --test-dir "$sanitize" --output-on-failure -j "$(nproc)" -E install_and_consume
     # A short bounded fuzzing run of the API and the .npy reader (ASan + UBSan).
