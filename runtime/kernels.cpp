@@ -81,8 +81,6 @@ bool fits_padded(const KernelEntry &e, int64_t head_dim, int64_t value_dim) {
 
 KernelInfo info_of(const KernelEntry &e) { return KernelInfo{e.name, e.device, e.head_dim, e.dtype}; }
 
-size_t element_bytes(DType dtype) { return dtype == DType::Float32 ? 4 : 2; }
-
 // The element type a kernel takes: the dtype, except that OpenCL kernels take
 // 16-bit floats as their bits (uint16; see the generator's storage_type).
 halide_type_t halide_type_of(DType dtype, Device device) {
@@ -313,8 +311,9 @@ std::optional<KernelInfo> select_kernel(Device device, DType dtype, int64_t head
     if (!any_of_device) return refuse(std::string("no ") + to_string(device) + " kernels in this build");
     std::string dims;
     for (const KernelEntry &e : kKernels) {
-        if (e.device == device && e.dtype == dtype && dims.find(" " + std::to_string(e.head_dim) + ",") == std::string::npos) {
-            dims += " " + std::to_string(e.head_dim) + ",";
+        const std::string dim = " " + std::to_string(e.head_dim) + ",";
+        if (e.device == device && e.dtype == dtype && dims.find(dim) == std::string::npos) {
+            dims += dim;
         }
     }
     if (dims.empty()) {
@@ -480,7 +479,7 @@ void run(const Problem &p, const Options &options) {
     if (kernel->device == Device::CUDA) prepare_cuda(p.device_id);
 
     std::vector<uint8_t> q_storage, k_storage, v_storage, out_storage;
-    const size_t bytes = element_bytes(p.dtype);
+    const size_t bytes = halide_type_of(p.dtype, kernel->device).bytes();
     TensorView q = p.q, k = p.k, v = p.v, out = p.out;
     const bool pad = kernel->head_dim != 0 && !fits(*kernel, p.d, p.dv);
     if (!pad) {
@@ -542,12 +541,17 @@ void run(const Problem &p, const Options &options) {
                           uint32_t(p.seed >> 32), int32_t(p.causal_offset), int32_t(all_keys_rows),
                           key_splits_for(*kernel, p, options), &out_buf.buffer, &lse_buf.buffer);
     }
-    // A host out gets the result only when everything succeeded: otherwise it is untouched.
-    if (gpu && status == 0 && host_readable(out) && !(out.halide && out.halide->device)) {
+    // Host outputs get their results only when everything succeeded: otherwise
+    // they are untouched. (A caller's Halide buffer with a device allocation keeps
+    // the result on the device.)
+    auto wants_host_copy = [&](const TensorView &t) {
+        return gpu && status == 0 && t.present && host_readable(t) && !(t.halide && t.halide->device);
+    };
+    if (wants_host_copy(out)) {
         stage = "copying the result to the host";
         status = halide_copy_to_host(&call, &out_buf.buffer);
     }
-    if (gpu && status == 0 && p.lse.present && host_readable(p.lse) && !(p.lse.halide && p.lse.halide->device)) {
+    if (wants_host_copy(p.lse)) {
         stage = "copying lse to the host";
         halide_buffer_t lse_3d = lse_as_3d(lse_buf.buffer);
         status = halide_copy_to_host(&call, &lse_3d);

@@ -200,16 +200,20 @@ inline double largest_row_norm(const std::vector<float> &dense, int64_t row_leng
     return largest;
 }
 
+// The largest |score| the Cauchy-Schwarz bound allows: scale·|q|·|k|.
+inline double score_magnitude(const Problem &p) {
+    double scale = p.options.scale ? std::fabs(*p.options.scale) : 1.0 / std::sqrt(double(p.shape.d));
+    return scale * largest_row_norm(p.q.dense(), p.shape.d) * largest_row_norm(p.k.dense(), p.shape.d);
+}
+
 inline double fp32_tolerance(const Problem &p) {
     const double eps = FLT_EPSILON;
     double max_v = 0;
     for (auto x : p.v.dense()) max_v = std::max(max_v, double(std::fabs(x)));
     double d = double(p.shape.d), m = double(p.shape.m);
-    double scale = p.options.scale ? std::fabs(*p.options.scale) : 1.0 / std::sqrt(d);
-    double score_magnitude = scale * largest_row_norm(p.q.dense(), p.shape.d) * largest_row_norm(p.k.dense(), p.shape.d);
     bool dropout = p.options.training && p.options.dropout > 0 && p.options.dropout < 1;
     double keep_scale = dropout ? 1.0 / (1.0 - p.options.dropout) : 1.0;
-    return 4.0 * eps * max_v * keep_scale * (2.0 * std::sqrt(d) * score_magnitude + std::sqrt(m) + 8.0);
+    return 4.0 * eps * max_v * keep_scale * (2.0 * std::sqrt(d) * score_magnitude(p) + std::sqrt(m) + 8.0);
 }
 
 struct Comparison {
@@ -237,9 +241,7 @@ inline Comparison compare(const std::vector<float> &got, const std::vector<doubl
 inline double lse_tolerance(const Problem &p, double largest_lse) {
     const double eps = FLT_EPSILON;
     double d = double(p.shape.d), m = double(p.shape.m);
-    double scale = p.options.scale ? std::fabs(*p.options.scale) : 1.0 / std::sqrt(d);
-    double score_magnitude = scale * largest_row_norm(p.q.dense(), p.shape.d) * largest_row_norm(p.k.dense(), p.shape.d);
-    return 4.0 * eps * (std::sqrt(d) * score_magnitude + std::sqrt(m) + largest_lse + 8.0);
+    return 4.0 * eps * (std::sqrt(d) * score_magnitude(p) + std::sqrt(m) + largest_lse + 8.0);
 }
 
 // lse against the oracle: -inf exactly where every key is masked, else within
