@@ -52,37 +52,32 @@ DType parse_dtype(const std::string &option, const std::string &name) {
     throw BadInput(option + ": expected float32, float16 or bfloat16, got '" + name + "'");
 }
 
-DLDataType dl_type(DType dtype) {
-    return dtype == DType::Float32   ? DLDataType{kDLFloat, 32, 1}
-           : dtype == DType::Float16 ? DLDataType{kDLFloat, 16, 1}
-                                     : DLDataType{kDLBfloat, 16, 1};
-}
-
 // Elements of `dtype` from float32 values (rounded to nearest, ties to even).
 std::vector<unsigned char> elements_of(const std::vector<float> &values, DType dtype) {
-    if (dtype == DType::Float32) {
-        std::vector<unsigned char> bytes(values.size() * sizeof(float));
-        std::memcpy(bytes.data(), values.data(), bytes.size());
-        return bytes;
-    }
-    std::vector<unsigned char> bytes(values.size() * sizeof(uint16_t));
+    const size_t bytes = dtype == DType::Float32 ? 4 : 2;
+    std::vector<unsigned char> elements(values.size() * bytes);
     for (size_t e = 0; e < values.size(); e++) {
-        uint16_t bits = dtype == DType::Float16 ? float_to_float16_bits(values[e]) : float_to_bfloat16_bits(values[e]);
-        std::memcpy(&bytes[e * 2], &bits, 2);
+        if (dtype == DType::Float32) {
+            std::memcpy(&elements[e * 4], &values[e], 4);
+        } else {
+            uint16_t bits = float_to_bits(values[e], dtype);
+            std::memcpy(&elements[e * 2], &bits, 2);
+        }
     }
-    return bytes;
+    return elements;
 }
 
-// The values of float32 or float16 .npy data, or of bfloat16 elements, as float32.
-std::vector<float> floats_of(const std::vector<unsigned char> &bytes, DLDataType type) {
-    std::vector<float> values(bytes.size() / (type.bits / 8));
+// float32 values from elements of `dtype` (exact).
+std::vector<float> floats_of(const std::vector<unsigned char> &elements, DType dtype) {
+    const size_t bytes = dtype == DType::Float32 ? 4 : 2;
+    std::vector<float> values(elements.size() / bytes);
     for (size_t e = 0; e < values.size(); e++) {
-        if (type.bits == 32) {
-            std::memcpy(&values[e], &bytes[e * 4], 4);
+        if (dtype == DType::Float32) {
+            std::memcpy(&values[e], &elements[e * 4], 4);
         } else {
             uint16_t bits;
-            std::memcpy(&bits, &bytes[e * 2], 2);
-            values[e] = type.code == kDLBfloat ? bfloat16_bits_to_float(bits) : float16_bits_to_float(bits);
+            std::memcpy(&bits, &elements[e * 2], 2);
+            values[e] = bits_to_float(bits, dtype);
         }
     }
     return values;
@@ -167,8 +162,8 @@ int run_command(const RunArgs &a) {
     }
     for (npy::Array *array : {&q, &k, &v}) {
         if (array->dtype == npy::DType::Bool) continue;  // rejected by forward with the tensor's name
-        DLDataType from = dl_type(file_dtype(*array));
-        if (file_dtype(*array) != dtype) array->data = elements_of(floats_of(array->data, from), dtype);
+        const DType from = file_dtype(*array);
+        if (from != dtype) array->data = elements_of(floats_of(array->data, from), dtype);
     }
 
     // out in the computation's dtype; numpy has no bfloat16, so a bfloat16 out is
@@ -202,11 +197,11 @@ int run_command(const RunArgs &a) {
     }
     DLTensor dq = as_dl(q), dk = as_dl(k), dv = as_dl(v), dout = as_dl(out), dlse = as_dl(lse);
     for (DLTensor *t : {&dq, &dk, &dv, &dout}) {
-        if (t->dtype.code == kDLFloat) t->dtype = dl_type(dtype);
+        if (t->dtype.code == kDLFloat) t->dtype = dlpack_type(dtype);
     }
     DLTensor dmask = mask ? as_dl(*mask) : DLTensor{};
     forward(dq, dk, dv, mask ? &dmask : nullptr, dout, a.lse.empty() ? nullptr : &dlse, options);
-    if (dtype == DType::BFloat16) out.data = elements_of(floats_of(out.data, dl_type(dtype)), DType::Float32);
+    if (dtype == DType::BFloat16) out.data = elements_of(floats_of(out.data, dtype), DType::Float32);
     // Each file is a temporary renamed into place: whole or untouched.
     npy::write(a.out, out);
     if (!a.lse.empty()) npy::write(a.lse, lse);
@@ -274,7 +269,7 @@ int bench_command(const BenchArgs &a) {
     options.key_splits = a.key_splits;
     std::vector<double> ms;
     if (device == Device::CPU) {
-        const DLDataType type = dl_type(dtype);
+        const DLDataType type = dlpack_type(dtype);
         DLTensor dq = dense_dl(q.data(), q_shape, type), dk = dense_dl(k.data(), k_shape, type),
                  dv_ = dense_dl(v.data(), v_shape, type), dout = dense_dl(out.data(), out_shape, type),
                  dmask = dense_dl(mask.data(), mask_shape, {6, 8, 1});
@@ -375,9 +370,9 @@ int demo_command() {
         in.q_elements = elements_of(q, dtype);
         in.k_elements = elements_of(k, dtype);
         in.v_elements = elements_of(v, dtype);
-        in.q = floats_of(in.q_elements, dl_type(dtype));
-        in.k = floats_of(in.k_elements, dl_type(dtype));
-        in.v = floats_of(in.v_elements, dl_type(dtype));
+        in.q = floats_of(in.q_elements, dtype);
+        in.k = floats_of(in.k_elements, dtype);
+        in.v = floats_of(in.v_elements, dtype);
         // The reference, one (batch, head) at a time so progress can be shown.
         Progress progress(std::string("double-precision reference (") + to_string(dtype) + " inputs)");
         for (int64_t bh = 0; bh < b * h; bh++) {
@@ -405,7 +400,7 @@ int demo_command() {
     for (const auto &kernel : available_kernels()) {
         if (kernel.head_dim != 0 && kernel.head_dim != d) continue;
         DemoInputs &in = inputs_for(kernel.dtype);
-        const DLDataType type = dl_type(kernel.dtype);
+        const DLDataType type = dlpack_type(kernel.dtype);
         std::vector<unsigned char> out(in.q_elements.size());
         DLTensor dq = dense_dl(in.q_elements.data(), shape, type), dk = dense_dl(in.k_elements.data(), shape, type),
                  dv = dense_dl(in.v_elements.data(), shape, type), dout = dense_dl(out.data(), shape, type),
@@ -429,7 +424,7 @@ int demo_command() {
                             e.what());
                 continue;
             }
-            const auto got = floats_of(out, type);
+            const auto got = floats_of(out, kernel.dtype);
             double max_error = 0;
             bool within = true;
             for (size_t e = 0; e < got.size(); e++) {

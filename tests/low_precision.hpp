@@ -8,23 +8,13 @@
 
 namespace attend::test {
 
-inline uint16_t to_bits(float x, DType dtype) {
-    return dtype == DType::Float16 ? float_to_float16_bits(x) : float_to_bfloat16_bits(x);
-}
-inline float from_bits(uint16_t bits, DType dtype) {
-    return dtype == DType::Float16 ? float16_bits_to_float(bits) : bfloat16_bits_to_float(bits);
-}
-inline DLDataType dl_type(DType dtype) {
-    return dtype == DType::Float16 ? DLDataType{kDLFloat, 16, 1} : DLDataType{kDLBfloat, 16, 1};
-}
-
 // Unit roundoff of the dtype: out is rounded once, to within this relative error.
 inline double unit_roundoff(DType dtype) { return dtype == DType::Float16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8); }
 
 // Rounds q, k and v of a float32 problem to values the dtype holds exactly.
 inline void round_inputs(Problem &p, DType dtype) {
     for (Tensor<float> *t : {&p.q, &p.k, &p.v}) {
-        for (float &x : t->storage) x = from_bits(to_bits(x, dtype), dtype);
+        for (float &x : t->storage) x = bits_to_float(float_to_bits(x, dtype), dtype);
     }
 }
 
@@ -33,8 +23,8 @@ inline Tensor<uint16_t> to_dtype(const Tensor<float> &t, DType dtype) {
     u.shape = t.shape;
     u.strides = t.strides;
     u.offset = t.offset;
-    u.dtype = dl_type(dtype);
-    for (float x : t.storage) u.storage.push_back(to_bits(x, dtype));
+    u.dtype = dlpack_type(dtype);
+    for (float x : t.storage) u.storage.push_back(float_to_bits(x, dtype));
     return u;
 }
 
@@ -61,7 +51,7 @@ struct LowPrecisionRun {
     }
     std::vector<float> out_values() const {
         std::vector<float> values;
-        for (uint16_t bits : out.dense()) values.push_back(from_bits(bits, dtype));
+        for (uint16_t bits : out.dense()) values.push_back(bits_to_float(bits, dtype));
         return values;
     }
 };

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "attend/attend.hpp"
+
 namespace attend {
 
 inline uint32_t float_bits(float value) {
@@ -50,5 +52,20 @@ inline uint16_t float_to_bfloat16_bits(float value) {
 }
 
 inline float bfloat16_bits_to_float(uint16_t bf16) { return float_from_bits(uint32_t(bf16) << 16); }
+
+// The same for a 16-bit DType (Float16 or BFloat16).
+inline uint16_t float_to_bits(float value, DType dtype) {
+    return dtype == DType::BFloat16 ? float_to_bfloat16_bits(value) : float_to_float16_bits(value);
+}
+inline float bits_to_float(uint16_t bits, DType dtype) {
+    return dtype == DType::BFloat16 ? bfloat16_bits_to_float(bits) : float16_bits_to_float(bits);
+}
+
+// DLPack's name for a DType.
+inline DLDataType dlpack_type(DType dtype) {
+    return dtype == DType::Float32   ? DLDataType{kDLFloat, 32, 1}
+           : dtype == DType::Float16 ? DLDataType{kDLFloat, 16, 1}
+                                     : DLDataType{kDLBfloat, 16, 1};
+}
 
 }  // namespace attend
