@@ -7,6 +7,9 @@
 #   ./build.sh test    run the whole test suite (ctest), then again with the runtime,
 #                      CLI and tests built under AddressSanitizer + UBSan (build-sanitize/)
 #   ./build.sh bench   run the CPU benchmark (GFLOP/s and fraction of the FMA peak)
+#   ./build.sh tune [ARGS]  search the CPU schedule knobs for this machine (tools/tune.py;
+#                      --help for its flags) and write tuning/cpu.json; then ./build.sh
+#                      rebuilds the kernels with the tuned parameters
 #   ./build.sh fuzz [SECONDS]  build the libFuzzer harnesses with clang (build-fuzz/), replay
 #                      their saved corpus, then fuzz each for SECONDS (default 600)
 #   ./build.sh         just build
@@ -96,7 +99,8 @@ run_tests() {
     local sanitize="$ROOT/build-sanitize"
     build "$sanitize" -DATTEND_SANITIZE=address,undefined -DATTEND_BUILD_BENCH=OFF -DATTEND_CROSS_TARGETS=
     say "test suite under AddressSanitizer + UndefinedBehaviorSanitizer"
-    "$VENV/bin/ctest" --test-dir "$sanitize" --output-on-failure -j "$(nproc)" -E install_and_consume
+    # (The tuner's search and the install check run above only: neither is the project's C++.)
+    "$VENV/bin/ctest" --test-dir "$sanitize" --output-on-failure -j "$(nproc)" -E "install_and_consume|tune_search"
     # A short bounded fuzzing run of the API and the .npy reader (ASan + UBSan).
     run_fuzz 30
 }
@@ -113,6 +117,9 @@ case "${1:-build}" in
         shift
         "$BUILD/bench/attend_bench" --benchmark_repetitions=5 --benchmark_enable_random_interleaving=true \
             --benchmark_report_aggregates_only=true "$@" ;;
+    tune)
+        shift
+        "$VENV/bin/python" "$ROOT/tools/tune.py" --build "$BUILD" "$@" ;;
     fuzz) run_fuzz "${2:-600}" ;;
-    *) echo "usage: $0 [build|demo|test|bench|fuzz [SECONDS]]" >&2; exit 2 ;;
+    *) echo "usage: $0 [build|demo|test|bench|tune [ARGS]|fuzz [SECONDS]]" >&2; exit 2 ;;
 esac

@@ -6,8 +6,40 @@
 # kernel table the runtime is compiled with (attend_kernels.inc). Adding a
 # variant or a target is one call or one list entry.
 set_property(GLOBAL PROPERTY ATTEND_KERNEL_ENTRIES "")
-set_property(GLOBAL PROPERTY ATTEND_KERNEL_DECLARATIONS "")
 set_property(GLOBAL PROPERTY ATTEND_KERNEL_LIBRARIES "")
+
+# attend_tuned_params(<halide target> <head dim> <out var>)
+#
+# The schedule parameters `attend tune` chose for a CPU target and head dim, from
+# ATTEND_TUNING_FILE (JSON: targets.<target>.d<head dim>.params = {knob: value}),
+# as a list of knob=value; empty where the file has no entry (the generator's
+# defaults: the hand schedule). Editing the file re-runs CMake.
+function(attend_tuned_params TARGET HEAD_DIM OUT)
+    set(${OUT} "" PARENT_SCOPE)
+    if (NOT ATTEND_TUNING_FILE)
+        return ()
+    endif ()
+    if (NOT EXISTS "${ATTEND_TUNING_FILE}")
+        message(FATAL_ERROR "ATTEND_TUNING_FILE: ${ATTEND_TUNING_FILE} does not exist (empty: use the hand schedule)")
+    endif ()
+    set_property(DIRECTORY "${PROJECT_SOURCE_DIR}" APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${ATTEND_TUNING_FILE}")
+    file(READ "${ATTEND_TUNING_FILE}" json)
+    string(JSON params ERROR_VARIABLE missing GET "${json}" targets "${TARGET}" "d${HEAD_DIM}" params)
+    if (missing)
+        return ()
+    endif ()
+    string(JSON count LENGTH "${params}")
+    set(result "")
+    if (count GREATER 0)
+        math(EXPR last "${count} - 1")
+        foreach (index RANGE ${last})
+            string(JSON knob MEMBER "${params}" ${index})
+            string(JSON value GET "${params}" "${knob}")
+            list(APPEND result "${knob}=${value}")
+        endforeach ()
+    endif ()
+    set(${OUT} "${result}" PARENT_SCOPE)
+endfunction()
 
 function(attend_add_kernel NAME)
     cmake_parse_arguments(PARSE_ARGV 1 ARG "" "DEVICE;HEAD_DIM;DTYPE" "TARGETS;PARAMS")
@@ -24,68 +56,75 @@ function(attend_add_kernel NAME)
     endif ()
     math(EXPR at "${at} + 1")
     list(GET dtype_names ${at} dtype)
-    # user_context: Halide errors reach the handler of the call that raised them.
-    list(TRANSFORM ARG_TARGETS APPEND "-user_context")
+    # ATTEND_AUTOSCHEDULER: Anderson2021 schedules the CUDA kernels (it is
+    # GPU-only), the others the CPU kernels; the rest keep their schedules.
     set(scheduler_args "")
-    if (ATTEND_AUTOSCHEDULER AND ARG_DEVICE STREQUAL "cpu")
+    if (ATTEND_AUTOSCHEDULER STREQUAL "Anderson2021" AND ARG_DEVICE STREQUAL "cuda")
+        set(scheduler_args AUTOSCHEDULER Halide::Anderson2021)
+    elseif (ATTEND_AUTOSCHEDULER AND NOT ATTEND_AUTOSCHEDULER STREQUAL "Anderson2021" AND ARG_DEVICE STREQUAL "cpu")
         set(scheduler_args AUTOSCHEDULER "Halide::${ATTEND_AUTOSCHEDULER}")
     endif ()
-    add_halide_library(${NAME}
-        FROM attend_generator
-        GENERATOR attention
-        FUNCTION_NAME ${NAME}
-        USE_RUNTIME attend_halide_runtime
-        TARGETS ${ARG_TARGETS}
-        PARAMS head_dim=${ARG_HEAD_DIM} element_type=${ARG_DTYPE} ${ARG_PARAMS}
-        ${scheduler_args})
-    # Each target's function is also called directly when a call caps the CPU
-    # instruction set (Options::cpu_isa): Halide's multi-target wrapper picks one
-    # target on its first call and keeps it. Those functions are named
-    # <name>-<target>-no_runtime, which C++ reaches through an asm label
-    # (ATTEND_SYMBOL, defined in runtime/kernels.cpp).
     set(device_names cpu CPU cuda CUDA opencl OpenCL)
     list(FIND device_names "${ARG_DEVICE}" at)
     math(EXPR at "${at} + 1")
     list(GET device_names ${at} device)
-    list(LENGTH ARG_TARGETS target_count)
-    set(declarations "")
+    # A GPU kernel is one library for its one target. A CPU kernel is one library
+    # per target (<name>_avx512, <name>_avx2, <name>_baseline), each with its own
+    # schedule parameters from the tuning file, and the runtime calls the best
+    # target the CPU runs (Halide's multi-target wrapper takes one PARAMS for all).
+    set(libraries "")
     set(by_isa "")
+    set(dispatch ${NAME})
     foreach (target IN LISTS ARG_TARGETS)
-        if (target MATCHES "avx512")
-            set(isa AVX512)
-        elseif (target MATCHES "avx2")
-            set(isa AVX2)
-        else ()
-            set(isa Baseline)
+        set(library ${NAME})
+        set(params ${ARG_PARAMS})
+        if (ARG_DEVICE STREQUAL "cpu")
+            set(dispatch nullptr)
+            if (target MATCHES "avx512")
+                set(isa AVX512)
+            elseif (target MATCHES "avx2")
+                set(isa AVX2)
+            else ()
+                set(isa Baseline)
+            endif ()
+            string(TOLOWER "${isa}" suffix)
+            set(library ${NAME}_${suffix})
+            if (library IN_LIST libraries)
+                message(FATAL_ERROR "attend_add_kernel(${NAME}): two targets of the ${isa} level in '${ARG_TARGETS}'")
+            endif ()
+            string(APPEND by_isa " ATTEND_ISA(${isa}, ${library})")
+            attend_tuned_params("${target}" ${ARG_HEAD_DIM} tuned)
+            foreach (param IN LISTS ARG_PARAMS)  # explicit PARAMS win over tuned ones
+                string(REGEX REPLACE "=.*" "" knob "${param}")
+                list(FILTER tuned EXCLUDE REGEX "^${knob}=")
+            endforeach ()
+            list(PREPEND params ${tuned})
         endif ()
-        if (NOT ARG_DEVICE STREQUAL "cpu")
-            break ()  # a GPU kernel has one target and no instruction-set choice
-        elseif (target_count EQUAL 1)
-            string(APPEND by_isa " ATTEND_ISA(${isa}, ${NAME})")
-        else ()
-            string(MAKE_C_IDENTIFIER "${NAME}_${target}" function)
-            string(APPEND declarations
-                   "extern \"C\" int ${function} ATTEND_KERNEL_PARAMS ATTEND_SYMBOL(\"${NAME}-${target}-no_runtime\");\n")
-            string(APPEND by_isa " ATTEND_ISA(${isa}, ${function})")
-        endif ()
+        list(APPEND libraries ${library})
+        # user_context: Halide errors reach the handler of the call that raised them.
+        add_halide_library(${library}
+            FROM attend_generator
+            GENERATOR attention
+            FUNCTION_NAME ${library}
+            USE_RUNTIME attend_halide_runtime
+            TARGETS ${target}-user_context
+            PARAMS head_dim=${ARG_HEAD_DIM} element_type=${ARG_DTYPE} ${params}
+            ${scheduler_args})
     endforeach ()
-    set_property(GLOBAL APPEND_STRING PROPERTY ATTEND_KERNEL_DECLARATIONS "${declarations}")
     set_property(GLOBAL APPEND_STRING PROPERTY ATTEND_KERNEL_ENTRIES
-                 "ATTEND_KERNEL(${NAME}, ${device}, ${ARG_HEAD_DIM}, ${dtype},${by_isa})\n")
-    set_property(GLOBAL APPEND PROPERTY ATTEND_KERNEL_LIBRARIES ${NAME})
+                 "ATTEND_KERNEL(${NAME}, ${device}, ${ARG_HEAD_DIM}, ${dtype}, ${dispatch},${by_isa})\n")
+    set_property(GLOBAL APPEND PROPERTY ATTEND_KERNEL_LIBRARIES ${libraries})
 endfunction()
 
-# Writes the kernel table: the kernel headers, the per-target functions, and one
-# ATTEND_KERNEL(name, device, head dim, dtype, ATTEND_ISA(isa, function)...) per variant.
+# Writes the kernel table: the kernel headers, and one ATTEND_KERNEL(name, device,
+# head dim, dtype, dispatch, ATTEND_ISA(isa, function)...) per variant.
 function(attend_write_kernel_table FILE)
     get_property(entries GLOBAL PROPERTY ATTEND_KERNEL_ENTRIES)
-    get_property(declarations GLOBAL PROPERTY ATTEND_KERNEL_DECLARATIONS)
     get_property(libraries GLOBAL PROPERTY ATTEND_KERNEL_LIBRARIES)
     set(content "// Generated by CMake (attend_add_kernel): the kernels of this build.\n")
     foreach (library IN LISTS libraries)
         string(APPEND content "#include \"${library}.h\"\n")
     endforeach ()
-    string(APPEND content "${declarations}")
     string(APPEND content "#define ATTEND_KERNEL_TABLE \\\n")
     string(REPLACE "\n" " \\\n" entries "${entries}")
     string(APPEND content "${entries}\n")

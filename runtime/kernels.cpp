@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <vector>
 
@@ -11,37 +12,28 @@
 #include <HalideRuntimeCuda.h>
 #include <HalideRuntimeOpenCL.h>
 
-// Every generated kernel has this signature (the generator's inputs in order).
-#define ATTEND_KERNEL_PARAMS                                                                                    \
-    (const void *user_context, halide_buffer_t *q, halide_buffer_t *k, halide_buffer_t *v, halide_buffer_t *mask, \
-     float scale, bool causal, bool has_mask, uint32_t drop_threshold, float keep_scale, uint32_t seed_lo,      \
-     uint32_t seed_hi, int32_t causal_offset, int32_t all_keys_rows, int32_t key_splits, halide_buffer_t *out, \
-     halide_buffer_t *lse)
-// The per-target functions have '-' in their names: an asm label reaches them
-// (GCC passes it to the assembler, which needs it quoted; clang takes it as is).
-#if defined(__clang__)
-#define ATTEND_SYMBOL(name) __asm__(name)
-#else
-#define ATTEND_SYMBOL(name) __asm__("\"" name "\"")
-#endif
-#include "attend_kernels.inc"  // generated: kernel headers, per-target functions, ATTEND_KERNEL_TABLE
+#include "attend/kernel_abi.hpp"  // ATTEND_KERNEL_PARAMS
+
+#include "attend_kernels.inc"  // generated: kernel headers, ATTEND_KERNEL_TABLE
 #include "internal.hpp"
 
 namespace attend {
 namespace {
 
-using KernelFn = int(*) ATTEND_KERNEL_PARAMS;
+using KernelFn = KernelFunction;
 
 struct KernelEntry {
     const char *name;
     Device device;
-    int head_dim;       // 0: generic
-    DType dtype;        // of q, k, v and out
-    KernelFn dispatch;  // Halide's multi-target wrapper: the best target of this CPU
-    KernelFn by_isa[4];  // one function per CPU target, indexed by CpuIsa; null where not built
+    int head_dim;        // 0: generic
+    DType dtype;         // of q, k, v and out
+    KernelFn dispatch;   // a GPU kernel or a registered one; null for the built CPU kernels
+    KernelFn by_isa[4];  // a built CPU kernel: one function per target, indexed by CpuIsa; null where not built
 };
 
-// ATTEND_KERNEL(name, device, head dim, dtype, ATTEND_ISA(isa, function)...) from the table.
+// ATTEND_KERNEL(name, device, head dim, dtype, dispatch, ATTEND_ISA(isa, function)...)
+// from the table. Each CPU target is its own library (its schedule parameters may
+// differ: tuning/cpu.json), so the runtime, not Halide, picks the target.
 struct IsaFunctions {
     KernelFn by_isa[4] = {};
     IsaFunctions &add(CpuIsa isa, KernelFn function) {
@@ -56,14 +48,30 @@ KernelEntry make_entry(const char *name, Device device, int head_dim, DType dtyp
     return e;
 }
 #define ATTEND_ISA(isa, function) .add(CpuIsa::isa, function)
-#define ATTEND_KERNEL(function, device, head_dim, dtype, ...) \
-    make_entry(#function, Device::device, head_dim, DType::dtype, function, IsaFunctions() __VA_ARGS__),
+#define ATTEND_KERNEL(name, device, head_dim, dtype, dispatch, ...) \
+    make_entry(#name, Device::device, head_dim, DType::dtype, dispatch, IsaFunctions() __VA_ARGS__),
 const KernelEntry kKernels[] = {ATTEND_KERNEL_TABLE};
 #undef ATTEND_KERNEL
 #undef ATTEND_ISA
 
+// Kernels added at run time (add_kernel): never removed, so pointers stay valid.
+struct Registered {
+    std::mutex lock;
+    std::deque<std::string> names;
+    std::deque<KernelEntry> entries;
+};
+Registered &registered() {
+    static Registered r;
+    return r;
+}
+
 const KernelEntry *find_kernel(const std::string &name) {
     for (const KernelEntry &e : kKernels) {
+        if (name == e.name) return &e;
+    }
+    Registered &r = registered();
+    std::lock_guard<std::mutex> guard(r.lock);
+    for (const KernelEntry &e : r.entries) {
         if (name == e.name) return &e;
     }
     return nullptr;
@@ -92,12 +100,12 @@ halide_type_t halide_type_of(DType dtype, Device device) {
     }
 }
 
-// The function for a capped instruction set: the best target at or below the cap.
-// (Halide's multi-target wrapper picks a target on its first call and keeps it,
-// so a cap per call needs the per-target functions.)
+// The function of a CPU kernel for an instruction-set cap: its best target at or
+// below the cap; for Auto, the best this CPU runs (registered kernels: their one).
 KernelFn function_for(const KernelEntry &e, CpuIsa cap) {
-    if (cap == CpuIsa::Auto) return e.dispatch;
-    for (int isa = int(cap); isa <= int(CpuIsa::Baseline); isa++) {
+    if (e.dispatch) return cap == CpuIsa::Auto ? e.dispatch : nullptr;
+    static const CpuIsa best = supported_cpu_isas().at(1);  // after Auto
+    for (int isa = int(cap == CpuIsa::Auto ? best : cap); isa <= int(CpuIsa::Baseline); isa++) {
         if (e.by_isa[isa]) return e.by_isa[isa];
     }
     return nullptr;
@@ -332,6 +340,26 @@ std::vector<KernelInfo> available_kernels() {
     return all;
 }
 
+void add_kernel(const KernelInfo &info, KernelFunction function) {
+    if (info.name.empty()) throw std::invalid_argument("attend::add_kernel: info.name: must not be empty");
+    if (info.device != Device::CPU) {
+        throw std::invalid_argument(std::string("attend::add_kernel: info.device: only CPU kernels can be added, got ") +
+                                    to_string(info.device));
+    }
+    if (info.head_dim < 0) {
+        throw std::invalid_argument("attend::add_kernel: info.head_dim: must be 0 (generic) or positive, got " +
+                                    std::to_string(info.head_dim));
+    }
+    if (!function) throw std::invalid_argument("attend::add_kernel: function: must not be null");
+    Registered &r = registered();
+    std::lock_guard<std::mutex> guard(r.lock);
+    const bool taken = std::any_of(std::begin(kKernels), std::end(kKernels), [&](auto &e) { return info.name == e.name; }) ||
+                       std::any_of(r.entries.begin(), r.entries.end(), [&](auto &e) { return info.name == e.name; });
+    if (taken) throw std::invalid_argument("attend::add_kernel: info.name: a kernel named '" + info.name + "' exists");
+    r.names.push_back(info.name);
+    r.entries.push_back(KernelEntry{r.names.back().c_str(), Device::CPU, info.head_dim, info.dtype, function, {}});
+}
+
 namespace {
 // F16C (CPUID leaf 1, ECX bit 29): clang's __builtin_cpu_supports does not know it.
 bool cpu_has_f16c() {
@@ -471,9 +499,14 @@ int64_t all_keys_rows_of(const Problem &p) {
 void run(const Problem &p, const Options &options) {
     const KernelEntry *kernel = &choose_kernel(p, options);
     KernelFn function = kernel->device == Device::CPU ? function_for(*kernel, options.cpu_isa) : kernel->dispatch;
+    if (!function && options.cpu_isa == CpuIsa::Auto) {
+        throw std::invalid_argument(std::string("attend: ") + kernel->name +
+                                    " has no target this CPU runs in this build (see ATTEND_CPU_TARGETS)");
+    }
     if (!function) {
         throw std::invalid_argument(std::string("attend: options.cpu_isa: ") + kernel->name + " has no " +
-                                    to_string(options.cpu_isa) + " (or lower) target in this build");
+                                    to_string(options.cpu_isa) + " (or lower) target" +
+                                    (kernel->dispatch ? " (it was added at run time with one target)" : " in this build"));
     }
     if (p.empty()) return;
     if (kernel->device == Device::CUDA) prepare_cuda(p.device_id);

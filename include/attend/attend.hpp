@@ -68,8 +68,8 @@ enum class Device { Auto, CPU, CUDA, OpenCL };
 // Float16 and BFloat16 kernels accumulate in float32 and round out once.
 enum class DType { Float32, Float16, BFloat16 };
 
-// Which instruction set the CPU kernels may use. Auto lets the multi-target
-// dispatch pick the best this CPU has; the others cap it (tests and benchmarks
+// Which instruction set the CPU kernels may use. Auto runs the best target of the
+// build this CPU has (checked once, with cpuid); the others cap it (tests and benchmarks
 // use them to run every CPU path of the build on one machine).
 enum class CpuIsa { Auto, AVX512, AVX2, Baseline };
 
