@@ -89,6 +89,11 @@ def natural_vector_width(target):
     return 16 if "avx512" in target else 8 if "avx" in target else 4
 
 
+def generator_params(params, target):
+    """The knobs as the generator takes them (vector_width "double": twice the natural width)."""
+    return {k: natural_vector_width(target) * 2 if v == "double" else v for k, v in params.items()}
+
+
 def runs_here(target):
     """Whether this CPU runs a Halide x86 target (the levels attend's runtime knows)."""
     flags = cpu_flags()
@@ -143,7 +148,7 @@ class Candidates:
         so = self.cache / f"{function}.so"
         if so.exists():
             return so, function
-        knobs = [f"{k}={natural_vector_width(self.target) * 2 if v == 'double' else v}" for k, v in params.items()]
+        knobs = [f"{k}={v}" for k, v in generator_params(params, self.target).items()]
         command = [str(self.generator), "-g", "attention", "-o", str(self.cache), "-e", "static_library",
                    "-f", function, f"target={self.target}-user_context-no_runtime", f"head_dim={head_dim}",
                    "element_type=float32"] + knobs
@@ -259,9 +264,14 @@ def registers_fit(params, target):
     return True
 
 
+def knobs_of(line):
+    """The knobs a line of the search varies."""
+    return line if isinstance(line, tuple) else (line,)
+
+
 def line_options(best, line, target):
     """The candidates of one line: best with that knob (or tile) changed."""
-    knobs = line if isinstance(line, tuple) else (line,)
+    knobs = knobs_of(line)
     values = [()]
     for knob in knobs:
         values = [v + (x,) for v in values for x in KNOB_VALUES[knob]]
@@ -270,7 +280,7 @@ def line_options(best, line, target):
 
 
 def line_name(line):
-    return "x".join(line) if isinstance(line, tuple) else line
+    return "x".join(knobs_of(line))
 
 
 def show(label, gflops):
@@ -288,9 +298,6 @@ def tune_head_dim(candidates, head_dim, shapes, budget_s, noise, jobs, plan_swee
     hand = hand_schedule()
     started = time.time()
     best, path, evaluated = dict(hand), [dict(hand)], 1
-
-    def knobs_of(line):
-        return line if isinstance(line, tuple) else (line,)
 
     lines = [(sweep, line) for sweep in range(plan_sweeps) for line in LINES]
     improved_in_sweep = False
@@ -361,7 +368,7 @@ def tune_head_dim(candidates, head_dim, shapes, budget_s, noise, jobs, plan_swee
     best, best_gflops = path[chosen], medians[chosen]
     minutes = (time.time() - started) / 60
     return {
-        "params": {k: (natural_vector_width(candidates.target) * 2 if v == "double" else v) for k, v in best.items()},
+        "params": generator_params(best, candidates.target),
         "shapes": shapes,
         "gflops": {"tuned": [round(g, 2) for g in best_gflops], "hand": [round(g, 2) for g in hand_gflops]},
         "hand_params": hand,
