@@ -139,15 +139,16 @@ def main():
             speeds = {k: r.get("tflops", 0) for k, r in before[-1]["attend"].items()} if before else {}
             if speeds:
                 candidates = [k for k in candidates if speeds.get(k, 0) >= 0.5 * max(speeds.values())]
-        # The default variant once more in one pass over the keys (key_splits=1), to
-        # show what running chunks of keys in parallel brings.
+        # The default variant once more with fixed numbers of key chunks: one pass
+        # (key_splits=1) shows what chunks in parallel bring, 8 and 16 whether the
+        # automatic choice is too few.
         runs = [(k, 0) for k in candidates]
         if candidates and s["n"] < 16384:  # (at 16384 the automatic choice is 1 already)
-            runs.append((candidates[0], 1))
+            runs += [(candidates[0], splits) for splits in (1, 8, 16)]
         for kernel, key_splits in runs:
             r = attend_bench(a.build, a.device, kernel, s, key_splits, dtype)
             if key_splits:
-                kernel += "/splits=1"
+                kernel += f"/splits={key_splits}"
             if "error" not in r:
                 r["tflops"] = flops(s) / r["median_ms"] / 1e9
             entry["attend"][kernel] = r

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Every check that needs an NVIDIA GPU, in one pass (GPU time is scarce: run it once):
 #   1. the CUDA tests (tests/test_gpu.cpp --device=cuda: oracle, CPU dropout masks,
-#      Halide device buffers, the caller's context and stream)
+#      Halide device buffers, the caller's context and stream, device out of
+#      memory), then the kernel-fault test in a process of its own
 #   2. bench/compare_gpu.py: every CUDA variant against PyTorch SDPA fp32
 #   3. compute-sanitizer racecheck on one small shape with a lanes and a threads
 #      variant, memcheck with the default one
 #   4. the memory bound: b=1, h=4, n=m=131072, d=64, causal; its scores alone would
 #      take 256 GiB, more than any GPU has
+#   5. where the time goes: one call's cost at a trivial size, and Nsight Compute's
+#      speed-of-light, occupancy, scheduler and warp-stall sections for the default d=64
+#      kernels at n=m=1024 and 16384 (their kernel time against attend bench's)
 #
 #   bench/gpu_check.sh [BUILD]        logs under $OUT (default bench/results/gpu)
 #
@@ -49,17 +53,22 @@ step "machine"
 step "1. $DEVICE tests"
 check tests "$TESTS" --device="$DEVICE"
 tail -n 4 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+if [ "$DEVICE" = cuda ]; then
+    # A kernel fault breaks the process's CUDA context: its test runs alone.
+    check fault "$TESTS" --device=cuda --no-skip --test-case="CUDA: a kernel fault*" --success
+    grep -E "faulting call|unusable|test cases:" "$OUT/fault.log" | head -4 | tee -a "$OUT/summary.txt"
+fi
 
 step "2. every $DEVICE variant against PyTorch SDPA"
 quick=""
 [ "$DEVICE" = cuda ] || quick="--quick"
 check compare python3 "$ROOT/bench/compare_gpu.py" --build "$BUILD" --device "$DEVICE" --out "$OUT" $quick
-tail -n 14 "$OUT/compare.log" | tee -a "$OUT/summary.txt"
+sed -n "/best variant per shape/,\$p" "$OUT/compare.log" | tee -a "$OUT/summary.txt"
 
 if [ "$DEVICE" = cuda ]; then
     step "3. compute-sanitizer (small shape, d=64, causal)"
     SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
-    for run in racecheck:attend_cuda_d64_lanes racecheck:attend_cuda_d64_threads memcheck:attend_cuda_d64_lanes; do
+    for run in racecheck:attend_cuda_d64_lanes racecheck:attend_cuda_d64_threads racecheck:attend_cuda_d64_lanes_k8_qreg memcheck:attend_cuda_d64_lanes; do
         tool="${run%%:*}" kernel="${run#*:}"
         check "${tool}_$kernel" "$SANITIZER" --tool "$tool" --error-exitcode 3 \
             "$ATTEND" bench --device cuda --kernel "$kernel" --b 1 --h 2 --n 70 --m 100 --d 64 --causal --repeats 1
@@ -69,6 +78,19 @@ if [ "$DEVICE" = cuda ]; then
     step "4. memory bound: n=m=131072 (scores would need 256 GiB)"
     check memory_bound "$ATTEND" bench --device cuda --b 1 --h 4 --n 131072 --m 131072 --d 64 --causal --repeats 1 --json
     tail -n 2 "$OUT/memory_bound.log" | tee -a "$OUT/summary.txt"
+
+    step "5. where the time goes (d=64, default variant)"
+    check overhead "$ATTEND" bench --device cuda --b 1 --h 1 --n 32 --m 32 --d 64 --repeats 50
+    tail -n 1 "$OUT/overhead.log" | tee -a "$OUT/summary.txt"
+    NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)"
+    for n in 1024 16384; do
+        # The timed call's two kernels (the warm-up call's are skipped).
+        check "profile_$n" "$NCU" --clock-control none --launch-skip 2 --launch-count 2 \
+            --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats --section WarpStateStats \
+            "$ATTEND" bench --device cuda --b 2 --h 8 --n $n --m $n --d 64 --repeats 1
+        grep -E "^  _kernel|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Compute \(SM\) Throughput|Issue Slots|Waves Per SM" \
+            "$OUT/profile_$n.log" | tee -a "$OUT/summary.txt"
+    done
 fi
 
 step "done: $failures failed step(s)"

@@ -112,6 +112,10 @@ public:
     // GPU: unroll factor of the loop over the head dim in the scores (loop
     // overhead against register pressure).
     GeneratorParam<int> gpu_unroll{"gpu_unroll", 1};
+    // GPU, lanes only: true keeps each row's scaled q in registers for the whole
+    // tile (the score loop is then fully unrolled over d), so the scores read only
+    // k from shared memory.
+    GeneratorParam<bool> gpu_q_registers{"gpu_q_registers", false};
 
     // The element type of q, k, v and out: float32, float16 or bfloat16. Every
     // sum accumulates in float32; out is rounded once, when it is written.
@@ -420,9 +424,12 @@ private:
         const bool lanes = gpu_lanes;
         _halide_user_assert(!lanes || get_target().has_feature(Target::CUDA))
             << "gpu_lanes=true needs a CUDA target (OpenCL has no gpu_lanes)";
+        const bool q_in_registers = gpu_q_registers;
+        _halide_user_assert(!q_in_registers || lanes) << "gpu_q_registers=true needs gpu_lanes=true";
         const int TQ = query_tile, BK = key_block, D = head_dim;
         // q, the staged k and v blocks, and on threads the state, per thread block.
-        const int shared_bytes = int(sizeof(float)) * (TQ * D + 2 * BK * D + (lanes ? 0 : TQ * (D + 2)));
+        const int shared_bytes =
+            int(sizeof(float)) * ((q_in_registers ? 0 : TQ * D) + 2 * BK * D + (lanes ? 0 : TQ * (D + 2)));
         _halide_user_assert(shared_bytes <= 48 * 1024)
             << "this GPU variant needs " << shared_bytes << " bytes of shared memory per block at head_dim " << D
             << "; CUDA launches at most 48 KiB without opting in: use a smaller query_tile or key_block";
@@ -457,8 +464,14 @@ private:
             .gpu_blocks(split, io, hb);
         rows_on_threads(partial);
 
-        // q of the tile, transposed (rows innermost: no bank conflicts).
-        q_scaled.compute_at(partial, split).store_in(MemoryType::GPUShared).reorder(c, ii);
+        // q of the tile: in shared memory transposed (rows innermost: no bank
+        // conflicts), or in registers, each lane holding its row.
+        q_scaled.compute_at(partial, split).reorder(c, ii);
+        if (q_in_registers) {
+            q_scaled.store_in(MemoryType::Register).unroll(c);
+        } else {
+            q_scaled.store_in(MemoryType::GPUShared);
+        }
         rows_on_threads(q_scaled);
 
         // The state of the tile's rows: on lanes, registers striped across the
@@ -492,7 +505,9 @@ private:
         }
         score.compute_at(state, ii).store_in(MemoryType::Register).unroll(jj);
         score.update().reorder(jj, rc).vectorize(jj, 4).unroll(jj);
-        if (gpu_unroll > 1) {
+        if (q_in_registers) {
+            score.update().unroll(rc);  // register indices must be constants
+        } else if (gpu_unroll > 1) {
             RVar rc_outer("rc_outer"), rc_inner("rc_inner");
             score.update().split(rc, rc_outer, rc_inner, gpu_unroll).unroll(rc_inner);
         }

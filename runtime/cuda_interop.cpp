@@ -10,6 +10,8 @@
 // Loading it RTLD_GLOBAL lets Halide's runtime find the same symbols.
 #include <dlfcn.h>
 
+#include <atomic>
+#include <cstdint>
 #include <map>
 #include <mutex>
 
@@ -32,6 +34,11 @@ struct Driver {
     CUresult (*cuCtxGetCurrent)(CUcontext *);
     CUresult (*cuDevicePrimaryCtxRetain)(CUcontext *, CUdevice);
     CUresult (*cuGetErrorName)(CUresult, const char **);
+    // For kernel faults (optional: a driver without them only loses the check).
+    CUresult (*cuCtxSynchronize)();
+    CUresult (*cuCtxPushCurrent)(CUcontext);
+    CUresult (*cuCtxPopCurrent)(CUcontext *);
+    CUresult (*cuCtxGetId)(CUcontext, unsigned long long *);
 };
 
 std::mutex driver_lock;
@@ -39,6 +46,10 @@ Driver driver{};
 std::string driver_problem;           // why the driver is unusable; empty when it is
 int device_count = 0;
 std::map<int, CUcontext> primary;     // retained primary contexts, kept for the process
+// Contexts a kernel fault left unusable (a sticky error: every later call in them
+// fails), by context id, with the error. Calls into them are refused, not made.
+std::map<unsigned long long, std::string> broken;
+std::atomic<bool> any_broken{false};  // calls read this, not the map, while none is
 
 std::string error_name(CUresult r) {
     const char *name = nullptr;
@@ -64,6 +75,13 @@ void load_driver() {
     get(driver.cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain");
     get(driver.cuGetErrorName, "cuGetErrorName");
     if (!driver_problem.empty()) return;
+    auto optional = [&](auto &fn, const char *name) {
+        fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(library, name));
+    };
+    optional(driver.cuCtxSynchronize, "cuCtxSynchronize");
+    optional(driver.cuCtxPushCurrent, "cuCtxPushCurrent_v2");
+    optional(driver.cuCtxPopCurrent, "cuCtxPopCurrent_v2");
+    optional(driver.cuCtxGetId, "cuCtxGetId");
     if (CUresult r = driver.cuInit(0)) {
         driver_problem = "cuInit failed: " + error_name(r) + " (no usable GPU?)";
     } else if (CUresult r = driver.cuDeviceGetCount(&device_count)) {
@@ -112,7 +130,52 @@ int get_stream(void *user_context, void *, void **stream) {
     return halide_error_code_success;
 }
 
+// The context a call on `device` runs in (see acquire_context): the caller's
+// current one, else the device's primary context once made; null before that.
+// Called with driver_lock held.
+CUcontext context_of(int device) {
+    CUcontext current = nullptr;
+    if (driver.cuCtxGetCurrent && driver.cuCtxGetCurrent(&current) == 0 && current) return current;
+    auto found = primary.find(device);
+    return found == primary.end() ? nullptr : found->second;
+}
+
+// A context's id: unique for the process's life (a reset context gets a new
+// one), where the driver has cuCtxGetId (CUDA 12); else its handle.
+unsigned long long id_of(CUcontext context) {
+    unsigned long long id = 0;
+    if (driver.cuCtxGetId && driver.cuCtxGetId(context, &id) == 0) return id;
+    return static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(context));
+}
+
+// Errors after which a context is unusable for the rest of its life (kernel faults).
+bool sticky(CUresult r) {
+    return r == 700 /* ILLEGAL_ADDRESS */ || r == 702 /* LAUNCH_TIMEOUT */ || r == 710 /* ASSERT */ ||
+           (r >= 714 && r <= 719) /* HARDWARE_STACK_ERROR .. LAUNCH_FAILED */;
+}
+
+std::string refusal(int device, const std::string &error) {
+    return "the CUDA context of device " + std::to_string(device) + " is unusable after a kernel fault (" + error +
+           "): attend makes no more calls in it; reset the device (cudaDeviceReset) to use it again";
+}
+
 }  // namespace
+
+std::string note_cuda_fault(int device) {
+    std::lock_guard<std::mutex> guard(driver_lock);
+    CUcontext context = context_of(device);
+    if (!context || !driver.cuCtxSynchronize || !driver.cuCtxPushCurrent || !driver.cuCtxPopCurrent) return "";
+    // Synchronising reports a context's sticky error (on a healthy context it
+    // waits for the work queued there: this runs only after a failure).
+    CUcontext popped = nullptr;
+    if (driver.cuCtxPushCurrent(context) != 0) return "";
+    CUresult status = driver.cuCtxSynchronize();
+    driver.cuCtxPopCurrent(&popped);
+    if (!sticky(status)) return "";
+    broken[id_of(context)] = error_name(status);
+    any_broken = true;
+    return refusal(device, error_name(status));
+}
 
 void prepare_cuda(int device) {
     // Once per process: the driver, the device count and the hooks. Each call
@@ -132,9 +195,16 @@ void prepare_cuda(int device) {
         throw Error("attend: CUDA: device " + std::to_string(device) + " does not exist (this machine has " +
                     std::to_string(device_count) + " CUDA device" + (device_count == 1 ? "" : "s") + ")");
     }
+    if (!any_broken) return;
+    std::lock_guard<std::mutex> guard(driver_lock);
+    if (CUcontext context = context_of(device)) {
+        auto found = broken.find(id_of(context));
+        if (found != broken.end()) throw Error("attend: CUDA: " + refusal(device, found->second));
+    }
 }
 
 #else
 void prepare_cuda(int) { throw Error("attend: CUDA: this build has no CUDA kernels (ATTEND_CUDA=OFF)"); }
+std::string note_cuda_fault(int) { return ""; }
 #endif
 }  // namespace attend::detail

@@ -75,10 +75,16 @@ struct CallContext {
 };
 
 // CUDA: loads the driver (libcuda.so.1) once per process, and checks that `device`
-// exists; throws attend::Error saying what is missing. Also installs
+// exists and that its context was not broken by a kernel fault; throws
+// attend::Error saying what is missing. Also installs
 // the hooks that make Halide use the caller's current context (else the
 // device's primary context, as the CUDA runtime API does) and the call's stream.
 void prepare_cuda(int device);
+
+// After a CUDA call on `device` failed: whether a kernel fault left its context
+// unusable (a sticky error). If so the context is remembered, so prepare_cuda
+// refuses later calls in it, and the returned text says so; else "".
+std::string note_cuda_fault(int device);
 
 // Halide's device interface of a device of this build (null if none), without
 // preparing anything: to recognise where a caller's Halide buffer lives.

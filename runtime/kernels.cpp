@@ -599,7 +599,13 @@ void run(const Problem &p, const Options &options) {
             }
         }
     }
-    if (status != 0) throw failed(stage, status);
+    if (status != 0) {
+        Error error = failed(stage, status);
+        if (kernel->device == Device::CUDA) {
+            if (std::string fault = note_cuda_fault(p.device_id); !fault.empty()) error = Error(error.what() + ("; " + fault));
+        }
+        throw error;
+    }
     if (pad) unpad_into(out, p.out, bytes);
     // A CPU kernel wrote the host memory of a caller's Halide buffer: its device copy is stale.
     for (const TensorView *written : {&p.out, &p.lse}) {

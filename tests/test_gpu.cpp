@@ -311,6 +311,109 @@ TEST_CASE("CUDA: device pointers of the caller's primary context, ordered on the
     cuStreamDestroy(stream);
 }
 
+TEST_CASE("CUDA: device out of memory: attend::Error, out untouched, the device and the CPU work afterwards") {
+    if (g_device != Device::CUDA) return;
+    CallerCuda cuda;
+    using CUdeviceptr = unsigned long long;
+    auto cuDeviceGet = cuda.get<int (*)(int *, int)>("cuDeviceGet");
+    auto cuDevicePrimaryCtxRetain = cuda.get<int (*)(void **, int)>("cuDevicePrimaryCtxRetain");
+    auto cuCtxSetCurrent = cuda.get<int (*)(void *)>("cuCtxSetCurrent");
+    auto cuMemAlloc = cuda.get<int (*)(CUdeviceptr *, size_t)>("cuMemAlloc_v2");
+    auto cuMemFree = cuda.get<int (*)(CUdeviceptr)>("cuMemFree_v2");
+    int device = 0;
+    void *context = nullptr;
+    REQUIRE(cuDeviceGet(&device, 0) == 0);
+    REQUIRE(cuDevicePrimaryCtxRetain(&context, device) == 0);
+    REQUIRE(cuCtxSetCurrent(context) == 0);  // the context attend uses too
+    ProblemSpec spec = spec_of(1, 8, 2048, 2048, 64);  // 16 MiB of device memory for q, k, v and out
+    auto p = make_problem(spec);
+    p.options.device = Device::CUDA;
+    auto expected = p.expected();
+
+    // Halide's cache of freed device memory is emptied first, then every byte the
+    // device has left is taken: GiB pieces, then smaller ones down to 1 MiB.
+    halide_reuse_device_allocations(nullptr, false);
+    halide_reuse_device_allocations(nullptr, true);
+    std::vector<CUdeviceptr> taken;
+    for (size_t piece = size_t(1) << 30; piece >= (size_t(1) << 20);) {
+        CUdeviceptr at = 0;
+        if (cuMemAlloc(&at, piece) == 0) {
+            taken.push_back(at);
+        } else {
+            piece /= 2;
+        }
+    }
+    REQUIRE(!taken.empty());
+    INFO(taken.size() << " pieces of device memory taken");
+    std::fill(p.out.storage.begin(), p.out.storage.end(), 7.0f);
+    CHECK_THROWS_WITH_AS(p.run(), doctest::Contains("OUT_OF_MEMORY"), attend::Error);
+    CHECK(std::all_of(p.out.storage.begin(), p.out.storage.end(), [](float x) { return x == 7.0f; }));
+    for (CUdeviceptr at : taken) cuMemFree(at);
+
+    check_against_reference(p, expected);  // the same call, with memory again
+    auto cpu = make_problem(spec_of(1, 2, 40, 50, 64));
+    check_against_reference(cpu, cpu.expected());
+}
+
+// A kernel fault (here: a read of device memory that does not exist) leaves the
+// CUDA context unusable for the rest of its life. It breaks the process's primary
+// context, so it runs only when asked for, in a process of its own:
+//   attend_gpu_tests --device=cuda --no-skip --test-case="CUDA: a kernel fault*"
+TEST_CASE("CUDA: a kernel fault: reported, the context refused afterwards, the CPU path still works" *
+          doctest::skip()) {
+    if (g_device != Device::CUDA) return;
+    CallerCuda cuda;
+    using CUdeviceptr = unsigned long long;
+    auto cuDeviceGet = cuda.get<int (*)(int *, int)>("cuDeviceGet");
+    auto cuDevicePrimaryCtxRetain = cuda.get<int (*)(void **, int)>("cuDevicePrimaryCtxRetain");
+    auto cuCtxSetCurrent = cuda.get<int (*)(void *)>("cuCtxSetCurrent");
+    auto cuCtxSynchronize = cuda.get<int (*)()>("cuCtxSynchronize");
+    auto cuMemAlloc = cuda.get<int (*)(CUdeviceptr *, size_t)>("cuMemAlloc_v2");
+    auto cuMemcpyHtoD = cuda.get<int (*)(CUdeviceptr, const void *, size_t)>("cuMemcpyHtoD_v2");
+    int device = 0;
+    void *context = nullptr;
+    REQUIRE(cuDeviceGet(&device, 0) == 0);
+    REQUIRE(cuDevicePrimaryCtxRetain(&context, device) == 0);
+    REQUIRE(cuCtxSetCurrent(context) == 0);
+
+    auto p = make_problem(spec_of(1, 2, 64, 64, 64));
+    auto upload = [&](auto &tensor) {
+        auto dense = tensor.dense();
+        CUdeviceptr at = 0;
+        REQUIRE(cuMemAlloc(&at, dense.size() * sizeof(dense[0])) == 0);
+        REQUIRE(cuMemcpyHtoD(at, dense.data(), dense.size() * sizeof(dense[0])) == 0);
+        DLTensor dl = tensor.dl();
+        dl.strides = nullptr;
+        dl.byte_offset = 0;
+        dl.data = reinterpret_cast<void *>(at);
+        dl.device = {kDLCUDA, 0};
+        return dl;
+    };
+    DLTensor q = upload(p.q), k = upload(p.k), v = upload(p.v), out = upload(p.out);
+    DLTensor q_nowhere = q;
+    q_nowhere.data = static_cast<char *>(q.data) + (size_t(1) << 40);  // 1 TiB past q: nothing is there
+    Options options;
+    // The kernel runs after forward returns (the output stays on the device): the
+    // fault shows at the next synchronisation, the caller's or attend's.
+    bool reported = false;
+    try {
+        forward(q_nowhere, k, v, nullptr, out, options);
+    } catch (const attend::Error &e) {
+        reported = true;
+        MESSAGE("the faulting call: " << e.what());
+    }
+    const int synchronised = cuCtxSynchronize();
+    CHECK((reported || synchronised != 0));
+    // The next call names the fault and says the context is unusable...
+    CHECK_THROWS_WITH_AS(forward(q, k, v, nullptr, out, options), doctest::Contains("unusable after a kernel fault"),
+                         attend::Error);
+    // ... and later ones are refused before any CUDA call is made.
+    CHECK_THROWS_WITH_AS(forward(q, k, v, nullptr, out, options), doctest::Contains("makes no more calls"),
+                         attend::Error);
+    auto cpu = make_problem(spec_of(1, 2, 40, 50, 64));
+    check_against_reference(cpu, cpu.expected());
+}
+
 TEST_CASE("no n x m buffer: a size whose scores exceed the memory budget runs within it") {
     if (g_device != Device::OpenCL) return;  // PoCL's device memory is this process's memory; CUDA: bench/gpu_check.sh
     // n = m = 8192: the scores alone would take 256 MiB; inputs and output take 4 MiB.
