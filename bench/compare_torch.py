@@ -14,7 +14,9 @@ figures as JSON and a PNG plot of GFLOP/s against n.
     python3 -m venv .venv-bench && .venv-bench/bin/pip install -r bench/requirements.txt
     .venv-bench/bin/python bench/compare_torch.py [--repeats 7] [--quick]
 
-GFLOP/s count 4*b*h*n*m*d, halved for causal. Times are medians.
+GFLOP/s count 4*b*h*n*m*d, halved for causal. Times are medians: of --repeats
+calls per round, then over --rounds rounds in which Attend and SDPA alternate.
+Last, the memory one Attend call adds at n=m=--memory-n (peak RSS growth).
 """
 import argparse
 import json
@@ -33,7 +35,10 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", default=str(REPO / "build"), help="Attend build folder")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every implementation")
-    ap.add_argument("--repeats", type=int, default=7, help="timed calls per implementation and shape")
+    ap.add_argument("--repeats", type=int, default=7, help="timed calls per implementation, shape and round")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="Attend and SDPA alternate this many times per shape; each figure is the median over rounds")
+    ap.add_argument("--memory-n", type=int, default=16384, help="n=m of the memory measurement (0: none)")
     ap.add_argument("--quick", action="store_true", help="only n=m in {64, 256, 1024}")
     ap.add_argument("--seed-math-max-n", type=int, default=1024, help="largest n for the seed's math path")
     ap.add_argument("--dtypes", default="float32,float16,bfloat16", help="which rows to run, by dtype")
@@ -80,7 +85,7 @@ def fma_peak(build, threads):
     return float(fields[2])
 
 
-def attend_ms(build, s, repeats, threads):
+def attend_bench(build, s, repeats, threads):
     cmd = [str(Path(build) / "bin" / "attend"), "bench", "--b", str(s["b"]), "--h", str(s["h"]), "--n", str(s["n"]),
            "--m", str(s["n"]), "--d", str(s["d"]), "--repeats", str(repeats), "--dtype", s["dtype"], "--json"]
     cmd += ["--causal"] if s["causal"] else []
@@ -88,7 +93,7 @@ def attend_ms(build, s, repeats, threads):
     cmd += ["--kv-heads", "0"] if s["mq"] else []
     env = dict(os.environ, HL_NUM_THREADS=str(threads))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["median_ms"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def median_ms(call, repeats):
@@ -147,8 +152,12 @@ def main():
     rows = []
     for s in [s for s in shapes(args.quick) if s["dtype"] in args.dtypes.split(",")]:
         gf = flops(s) / 1e6
-        attend = gf / attend_ms(args.build, s, args.repeats, args.threads)
-        sdpa = gf / sdpa_ms(torch, s, args.repeats)
+        attend_times, sdpa_times = [], []
+        for _ in range(args.rounds):  # alternating, so that a slow spell of the machine hits both
+            attend_times.append(attend_bench(args.build, s, args.repeats, args.threads)["median_ms"])
+            sdpa_times.append(sdpa_ms(torch, s, args.repeats))
+        attend = gf / statistics.median(attend_times)
+        sdpa = gf / statistics.median(sdpa_times)
         with_seed = s["n"] <= args.seed_math_max_n and s["dtype"] == "float32"
         seed = gf / seed_math_ms(torch, attend_class, s, min(args.repeats, 3)) if with_seed else None
         row = dict(s, attend_gflops=attend, sdpa_gflops=sdpa, seed_math_gflops=seed, ratio_to_sdpa=attend / sdpa,
@@ -156,9 +165,21 @@ def main():
         rows.append(row)
         print(f"{label(s):<36}{attend:>9.1f}{sdpa:>9.1f}{(f'{seed:.1f}' if seed else '-'):>11}{attend / sdpa:>12.2f}x"
               f"{(f'{attend / peak:.0%}' if peak else '-'):>9}", flush=True)
+    memory = None
+    if args.memory_n:
+        # The host memory one call adds (attend bench resets the peak RSS before its
+        # calls): no n x m buffer, only per-task state.
+        s = dict(b=2, h=8, n=args.memory_n, d=64, causal=True, mask=False, mq=False, dtype="float32")
+        r = attend_bench(args.build, s, 1, args.threads)
+        inputs_mib = 4 * s["b"] * s["h"] * s["n"] * s["d"] * 4 / 2**20
+        memory = dict(shape=s, extra_memory_mib=r.get("extra_memory_mib"), q_k_v_out_mib=inputs_mib,
+                      scores_would_take_mib=4 * s["b"] * s["h"] * s["n"] * s["n"] / 2**20)
+        print(f"memory: b=2, h=8, n=m={s['n']}, d=64 causal: {memory['extra_memory_mib']:.1f} MiB added by the call "
+              f"(q, k, v and out: {inputs_mib:.0f} MiB; the scores would take {memory['scores_would_take_mib']:.0f} MiB)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(dict(threads=args.threads, fma_peak_gflops=peak, torch=torch.__version__,
-                                               rows=rows), indent=1))
+                                               rounds=args.rounds, repeats=args.repeats, rows=rows, memory=memory),
+                                          indent=1))
     if any(r["dtype"] == "float32" for r in rows):
         plot(rows, peak, args.plot)
         print(f"wrote {args.json} and {args.plot}")

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <random>
@@ -102,6 +103,33 @@ std::vector<double> time_calls(F &&call, int repeats) {
     }
     return ms;
 }
+
+// Resident memory that work adds on top of what the process holds (Linux): the
+// peak is reset before it (/proc/self/clear_refs) and read after. In MiB; -1
+// where /proc cannot say.
+class PeakMemoryGrowth {
+public:
+    PeakMemoryGrowth() {
+        std::ofstream clear("/proc/self/clear_refs");
+        clear << "5";  // resets VmHWM to the current VmRSS
+        clear.close();
+        before_kib_ = clear ? status_kib("VmRSS") : -1;
+    }
+    double mib() const {
+        const long peak = status_kib("VmHWM");
+        return before_kib_ < 0 || peak < 0 ? -1.0 : double(peak - before_kib_) / 1024.0;
+    }
+
+private:
+    static long status_kib(const std::string &field) {  // "VmHWM:   1234 kB"
+        std::ifstream status("/proc/self/status");
+        for (std::string line; std::getline(status, line);) {
+            if (line.rfind(field + ":", 0) == 0) return std::stol(line.substr(field.size() + 1));
+        }
+        return -1;
+    }
+    long before_kib_ = -1;
+};
 
 double median(std::vector<double> v) {
     std::sort(v.begin(), v.end());
@@ -268,12 +296,15 @@ int bench_command(const BenchArgs &a) {
     options.device = device;
     options.key_splits = a.key_splits;
     std::vector<double> ms;
+    double extra_mib = -1;  // host memory the calls add (CPU)
     if (device == Device::CPU) {
         const DLDataType type = dlpack_type(dtype);
         DLTensor dq = dense_dl(q.data(), q_shape, type), dk = dense_dl(k.data(), k_shape, type),
                  dv_ = dense_dl(v.data(), v_shape, type), dout = dense_dl(out.data(), out_shape, type),
                  dmask = dense_dl(mask.data(), mask_shape, {6, 8, 1});
+        PeakMemoryGrowth growth;
         ms = time_calls([&] { forward(dq, dk, dv_, a.mask ? &dmask : nullptr, dout, options); }, a.repeats);
+        extra_mib = growth.mib();
     } else {
         // Inputs and output stay on the device; each timed call waits for the kernel.
         auto gq = on_device(q, dtype, q_shape, device), gk = on_device(k, dtype, k_shape, device),
@@ -297,16 +328,19 @@ int bench_command(const BenchArgs &a) {
     std::string why_not;
     auto selected = select_kernel(device, dtype, a.d, dv, {}, &why_not);
     std::string kernel = !a.kernel.empty() ? a.kernel : selected ? selected->name : "(none: " + why_not + ")";
-    std::printf("%s %s isa=%s b=%lld h=%lld n=%lld m=%lld d=%lld dv=%lld%s%s: best %.3f ms, median %.3f ms, %.1f GFLOP/s\n",
+    std::printf("%s %s isa=%s b=%lld h=%lld n=%lld m=%lld d=%lld dv=%lld%s%s: best %.3f ms, median %.3f ms, %.1f GFLOP/s",
                 kernel.c_str(), a.dtype.c_str(), a.isa.c_str(), (long long)a.b, (long long)a.h, (long long)a.n, (long long)a.m,
                 (long long)a.d, (long long)dv, a.causal ? " causal" : "", a.mask ? " mask" : "", best, med,
                 flops / best / 1e6);
+    if (extra_mib >= 0) std::printf(", %.1f MiB of memory added", extra_mib);
+    std::printf("\n");
     if (a.json) {
         nlohmann::json j{{"kernel", kernel}, {"device", a.device}, {"dtype", a.dtype}, {"isa", a.isa}, {"b", a.b}, {"h", a.h},
                          {"n", a.n}, {"m", a.m}, {"d", a.d}, {"dv", dv}, {"kv_heads", kv_heads},
                          {"causal", a.causal}, {"mask", a.mask}, {"ms", best}, {"median_ms", med},
                          {"gflops", flops / best / 1e6}, {"median_gflops", flops / med / 1e6},
                          {"repeats", a.repeats}};
+        if (extra_mib >= 0) j["extra_memory_mib"] = extra_mib;
         std::cout << j.dump() << std::endl;
     }
     return 0;

@@ -25,10 +25,12 @@ using namespace Halide;
 
 // 2^x for x <= 0, which is every softmax argument here (each is max-subtracted).
 // Cephes' degree-6 polynomial on [-0.5, 0.5] (relative error about 2e-7) times an
-// exponent built from bits. Below -126 the weight is exactly 0, so masked keys
-// (score -FLT_MAX) weigh nothing next to any unmasked key.
+// exponent built from bits. From about -126.5 down the weight is exactly 0 (the
+// exponent field of 2^-127 built that way is 0, which makes the product 0, with
+// no compare), so masked keys (score -FLT_MAX) weigh nothing next to any
+// unmasked key.
 Expr exp2_nonpositive(Expr x) {
-    Expr clamped = max(x, -126.0f);
+    Expr clamped = max(x, -127.0f);
     Expr whole = round(clamped);
     Expr f = clamped - whole;
     Expr p = 1.535336188319500e-4f;
@@ -39,7 +41,7 @@ Expr exp2_nonpositive(Expr x) {
     p = p * f + 6.931472028550421e-1f;
     p = p * f + 1.0f;
     Expr two_to_whole = reinterpret<float>((cast<int32_t>(whole) + 127) << 23);
-    return select(x < -126.0f, 0.0f, p * two_to_whole);
+    return p * two_to_whole;
 }
 
 Expr u32(uint32_t x) { return Internal::make_const(UInt(32), x); }
@@ -357,11 +359,13 @@ private:
             .fuse(task, bb, task)
             .parallel(task);
         if (!generic()) out.unroll(c);
-        q_scaled.compute_at(out, task).vectorize(ii, VW);
+        // A task's buffers hold one tile (Halide cannot see that through the tail
+        // guard): a constant size keeps them off the heap.
+        q_scaled.compute_at(out, task).bound_storage(io, 1).vectorize(ii, VW);
 
         // The chunks of keys (one unless the caller asks for more) run in turn.
-        merged.compute_at(out, task).vectorize(ii, VW);
-        row_lse.compute_at(out, task).vectorize(ii, VW);
+        merged.compute_at(out, task).bound_storage(io, 1).vectorize(ii, VW);
+        row_lse.compute_at(out, task).bound_storage(io, 1).vectorize(ii, VW);
         state.compute_at(merged, splits).vectorize(ii, VW);
         if (generic()) {
             merged.update().reorder(ii, c, splits).vectorize(ii, VW);
@@ -400,9 +404,17 @@ private:
         // 16-bit k and v are widened once per key block, a vector at a time (each
         // element is then read by every row of the tile), not at every use.
         if (Type(element_type) != Float(32)) {
-            k_block.compute_at(state, blocks).reorder_storage(c, jj).reorder(c, jj).vectorize(c, VW, TailStrategy::GuardWithIf);
-            v_block.compute_at(state, blocks).vectorize(c, VW, TailStrategy::GuardWithIf);
+            k_block.compute_at(state, blocks)
+                .reorder_storage(c, jj)
+                .reorder(c, jj)
+                .vectorize(c, VW, TailStrategy::GuardWithIf)
+                .store_in(MemoryType::Stack);
+            v_block.compute_at(state, blocks).vectorize(c, VW, TailStrategy::GuardWithIf).store_in(MemoryType::Stack);
         }
+
+        // One key block each (Halide cannot see it through the chunk arithmetic
+        // where causal blocks are skipped).
+        for (Func f : {masked_score, block_max, weight, block_sum, block_out}) f.bound_extent(kb, 1);
 
         // Dropout costs a hash per weight: only the path with it on pays.
         out.specialize(drop_threshold == u32(0));

@@ -369,19 +369,24 @@ bool cpu_has_f16c() {
 }  // namespace
 
 std::vector<CpuIsa> supported_cpu_isas() {
-    __builtin_cpu_init();
-    std::vector<CpuIsa> isas{CpuIsa::Auto};
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vl")) {
-        isas.push_back(CpuIsa::AVX512);
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c() &&
-        __builtin_cpu_supports("sse4.1")) {
-        isas.push_back(CpuIsa::AVX2);
-    }
-    isas.push_back(CpuIsa::Baseline);
-    return isas;
+    // Read once: cpuid traps to the hypervisor on a virtual machine, and every
+    // call validates its cpu_isa against this.
+    static const std::vector<CpuIsa> supported = [] {
+        __builtin_cpu_init();
+        std::vector<CpuIsa> isas{CpuIsa::Auto};
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd") &&
+            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+            __builtin_cpu_supports("avx512vl")) {
+            isas.push_back(CpuIsa::AVX512);
+        }
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c() &&
+            __builtin_cpu_supports("sse4.1")) {
+            isas.push_back(CpuIsa::AVX2);
+        }
+        isas.push_back(CpuIsa::Baseline);
+        return isas;
+    }();
+    return supported;
 }
 
 const char *to_string(CpuIsa isa) {

@@ -239,5 +239,9 @@ TEST_CASE("attend bench --json: the last line is a JSON object with ms and gflop
     CHECK(j["ms"].get<double>() > 0);
     CHECK(j["gflops"].get<double>() > 0);
     CHECK(j["kernel"] == "attend_cpu_d32");
+    // The memory the calls add (no n x m buffer; per-task buffers are small).
+    REQUIRE(j.contains("extra_memory_mib"));
+    CHECK(j["extra_memory_mib"].get<double>() >= 0);
+    CHECK(j["extra_memory_mib"].get<double>() < 64);
     CHECK(ws.attend("bench --n 0").status == 2);
 }
