@@ -35,7 +35,8 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", default=str(REPO / "build"), help="Attend build folder")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every implementation")
-    ap.add_argument("--repeats", type=int, default=7, help="timed calls per implementation, shape and round")
+    ap.add_argument("--repeats", type=int, default=7,
+                    help="timed calls per implementation, shape and round (20x that below n=1024)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="Attend and SDPA alternate this many times per shape; each figure is the median over rounds")
     ap.add_argument("--memory-n", type=int, default=16384, help="n=m of the memory measurement (0: none)")
@@ -138,33 +139,50 @@ def seed_math_ms(torch, attend_class, s, repeats):
         return median_ms(lambda: module(q, k, v, mask=mask), repeats)
 
 
+def table_row(row, peak):
+    attend, seed = row["attend_gflops"], row["seed_math_gflops"]
+    return (f"{label(row):<36}{attend:>9.1f}{row['sdpa_gflops']:>9.1f}{(f'{seed:.1f}' if seed else '-'):>11}"
+            f"{row['ratio_to_sdpa']:>12.2f}x{(f'{attend / peak:.0%}' if peak else '-'):>9}")
+
+
 def main():
     args = parse_args()
     import torch
     torch.set_num_threads(args.threads)
     from seed_module import load_attend
     attend_class = load_attend()
-    peak = fma_peak(args.build, args.threads)
-    print(f"threads {args.threads}; torch {torch.__version__} (cpu capability {torch.backends.cpu.get_cpu_capability()});"
-          f" FMA peak {peak if peak else 'unavailable'} GFLOP/s")
+    # The FMA peak is measured before every shape too: noise only lowers a
+    # measurement, so the largest of the run is the peak the fractions use.
+    peaks = [p for p in (fma_peak(args.build, args.threads) for _ in range(3)) if p]
+    print(f"threads {args.threads}; torch {torch.__version__} (cpu capability {torch.backends.cpu.get_cpu_capability()})")
     header = f"{'shape':<36}{'Attend':>9}{'SDPA':>9}{'seed math':>11}{'Attend/SDPA':>13}{'of peak':>9}"
     print(header + "\n" + "-" * len(header))
     rows = []
     for s in [s for s in shapes(args.quick) if s["dtype"] in args.dtypes.split(",")]:
+        peaks += [p for p in [fma_peak(args.build, args.threads)] if p]
         gf = flops(s) / 1e6
         attend_times, sdpa_times = [], []
+        # Short calls get more of them (20x below n=1024): a fresh `attend bench`
+        # process needs some calls to settle (thread pool, first page touches).
+        calls = args.repeats if s["n"] >= 1024 else 20 * args.repeats
         for _ in range(args.rounds):  # alternating, so that a slow spell of the machine hits both
-            attend_times.append(attend_bench(args.build, s, args.repeats, args.threads)["median_ms"])
-            sdpa_times.append(sdpa_ms(torch, s, args.repeats))
+            attend_times.append(attend_bench(args.build, s, calls, args.threads)["median_ms"])
+            sdpa_times.append(sdpa_ms(torch, s, calls))
         attend = gf / statistics.median(attend_times)
         sdpa = gf / statistics.median(sdpa_times)
         with_seed = s["n"] <= args.seed_math_max_n and s["dtype"] == "float32"
         seed = gf / seed_math_ms(torch, attend_class, s, min(args.repeats, 3)) if with_seed else None
-        row = dict(s, attend_gflops=attend, sdpa_gflops=sdpa, seed_math_gflops=seed, ratio_to_sdpa=attend / sdpa,
-                   fraction_of_peak=attend / peak if peak else None)
-        rows.append(row)
-        print(f"{label(s):<36}{attend:>9.1f}{sdpa:>9.1f}{(f'{seed:.1f}' if seed else '-'):>11}{attend / sdpa:>12.2f}x"
-              f"{(f'{attend / peak:.0%}' if peak else '-'):>9}", flush=True)
+        rows.append(dict(s, attend_gflops=attend, sdpa_gflops=sdpa, seed_math_gflops=seed, ratio_to_sdpa=attend / sdpa))
+        print(table_row(rows[-1], max(peaks) if peaks else None), flush=True)
+    peak = max(peaks) if peaks else None
+    for row in rows:
+        row["fraction_of_peak"] = row["attend_gflops"] / peak if peak else None
+    if peak:
+        print(f"\nFMA peak: {peak:.1f} GFLOP/s, the largest of {len(peaks)} measurements in this run "
+              f"(smallest {min(peaks):.1f}); the table with every fraction against it:")
+        print(header + "\n" + "-" * len(header))
+        for row in rows:
+            print(table_row(row, peak))
     memory = None
     if args.memory_n:
         # The host memory one call adds (attend bench resets the peak RSS before its
@@ -177,7 +195,8 @@ def main():
         print(f"memory: b=2, h=8, n=m={s['n']}, d=64 causal: {memory['extra_memory_mib']:.1f} MiB added by the call "
               f"(q, k, v and out: {inputs_mib:.0f} MiB; the scores would take {memory['scores_would_take_mib']:.0f} MiB)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(dict(threads=args.threads, fma_peak_gflops=peak, torch=torch.__version__,
+    Path(args.json).write_text(json.dumps(dict(threads=args.threads, fma_peak_gflops=peak, fma_peak_measurements=peaks,
+                                               torch=torch.__version__,
                                                rounds=args.rounds, repeats=args.repeats, rows=rows, memory=memory),
                                           indent=1))
     if any(r["dtype"] == "float32" for r in rows):
