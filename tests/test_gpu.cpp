@@ -240,6 +240,7 @@ TEST_CASE("Halide buffers with a device allocation stay on the device") {
 // The CUDA driver calls a caller makes (what the CUDA runtime API and PyTorch do
 // underneath): memory in the device's primary context, and a stream of its own.
 struct CallerCuda {
+    using CUdeviceptr = unsigned long long;
     void *library = dlopen("libcuda.so.1", RTLD_NOW);
     template <class F>
     F get(const char *name) {
@@ -247,27 +248,45 @@ struct CallerCuda {
         REQUIRE_MESSAGE(symbol, "libcuda has no " << name);
         return reinterpret_cast<F>(symbol);
     }
+
+    // Makes device 0's primary context current on this thread, as the CUDA
+    // runtime API does: the context attend uses too.
+    void use_primary_context() {
+        int device = 0;
+        void *context = nullptr;
+        REQUIRE(get<int (*)(int *, int)>("cuDeviceGet")(&device, 0) == 0);
+        REQUIRE(get<int (*)(void **, int)>("cuDevicePrimaryCtxRetain")(&context, device) == 0);
+        REQUIRE(get<int (*)(void *)>("cuCtxSetCurrent")(context) == 0);
+    }
+
+    // A dense device copy of a test tensor, seen as a kDLCUDA DLTensor; its
+    // allocation goes to *at.
+    template <class Tensor>
+    DLTensor upload(Tensor &tensor, CUdeviceptr *at) {
+        auto dense = tensor.dense();
+        const size_t bytes = dense.size() * sizeof(dense[0]);
+        REQUIRE(get<int (*)(CUdeviceptr *, size_t)>("cuMemAlloc_v2")(at, bytes) == 0);
+        REQUIRE(get<int (*)(CUdeviceptr, const void *, size_t)>("cuMemcpyHtoD_v2")(*at, dense.data(), bytes) == 0);
+        DLTensor dl = tensor.dl();
+        dl.strides = nullptr;  // the device copy is dense
+        dl.byte_offset = 0;
+        dl.data = reinterpret_cast<void *>(*at);
+        dl.device = {kDLCUDA, 0};
+        return dl;
+    }
 };
 
 TEST_CASE("CUDA: device pointers of the caller's primary context, ordered on the caller's stream") {
     if (g_device != Device::CUDA) return;
     CallerCuda cuda;
-    using CUdeviceptr = unsigned long long;
-    auto cuDeviceGet = cuda.get<int (*)(int *, int)>("cuDeviceGet");
-    auto cuDevicePrimaryCtxRetain = cuda.get<int (*)(void **, int)>("cuDevicePrimaryCtxRetain");
-    auto cuCtxSetCurrent = cuda.get<int (*)(void *)>("cuCtxSetCurrent");
-    auto cuMemAlloc = cuda.get<int (*)(CUdeviceptr *, size_t)>("cuMemAlloc_v2");
+    using CUdeviceptr = CallerCuda::CUdeviceptr;
     auto cuMemFree = cuda.get<int (*)(CUdeviceptr)>("cuMemFree_v2");
-    auto cuMemcpyHtoD = cuda.get<int (*)(CUdeviceptr, const void *, size_t)>("cuMemcpyHtoD_v2");
     auto cuMemcpyDtoH = cuda.get<int (*)(void *, CUdeviceptr, size_t)>("cuMemcpyDtoH_v2");
     auto cuStreamCreate = cuda.get<int (*)(void **, unsigned)>("cuStreamCreate");
     auto cuStreamSynchronize = cuda.get<int (*)(void *)>("cuStreamSynchronize");
     auto cuStreamDestroy = cuda.get<int (*)(void *)>("cuStreamDestroy_v2");
-    int device = 0;
-    void *context = nullptr, *stream = nullptr;
-    REQUIRE(cuDeviceGet(&device, 0) == 0);
-    REQUIRE(cuDevicePrimaryCtxRetain(&context, device) == 0);
-    REQUIRE(cuCtxSetCurrent(context) == 0);
+    void *stream = nullptr;
+    cuda.use_primary_context();
     REQUIRE(cuStreamCreate(&stream, 1 /* non-blocking: not ordered with the default stream */) == 0);
 
     ProblemSpec spec = spec_of(2, 4, 300, 257, 64);
@@ -277,21 +296,10 @@ TEST_CASE("CUDA: device pointers of the caller's primary context, ordered on the
     options.causal = true;
     auto p = make_problem(spec, options);
     auto expected = p.expected();
-    auto upload = [&](auto &tensor, DLTensor &dl) {
-        auto dense = tensor.dense();
-        CUdeviceptr at = 0;
-        REQUIRE(cuMemAlloc(&at, dense.size() * sizeof(dense[0])) == 0);
-        REQUIRE(cuMemcpyHtoD(at, dense.data(), dense.size() * sizeof(dense[0])) == 0);
-        dl = tensor.dl();
-        dl.strides = nullptr;  // the device copy is dense
-        dl.byte_offset = 0;
-        dl.data = reinterpret_cast<void *>(at);
-        dl.device = {kDLCUDA, 0};
-        return at;
-    };
-    DLTensor q, k, v, mask, out, lse;
-    CUdeviceptr allocations[] = {upload(p.q, q), upload(p.k, k), upload(p.v, v), upload(*p.mask, mask),
-                                 upload(p.out, out), upload(*p.lse, lse)};
+    CUdeviceptr allocations[6] = {};
+    DLTensor q = cuda.upload(p.q, &allocations[0]), k = cuda.upload(p.k, &allocations[1]),
+             v = cuda.upload(p.v, &allocations[2]), mask = cuda.upload(*p.mask, &allocations[3]),
+             out = cuda.upload(p.out, &allocations[4]), lse = cuda.upload(*p.lse, &allocations[5]);
     options.cuda_stream = stream;
     forward(q, k, v, &mask, out, &lse, options);  // device selected by where the tensors are
     REQUIRE(cuStreamSynchronize(stream) == 0);
@@ -314,17 +322,10 @@ TEST_CASE("CUDA: device pointers of the caller's primary context, ordered on the
 TEST_CASE("CUDA: device out of memory: attend::Error, out untouched, the device and the CPU work afterwards") {
     if (g_device != Device::CUDA) return;
     CallerCuda cuda;
-    using CUdeviceptr = unsigned long long;
-    auto cuDeviceGet = cuda.get<int (*)(int *, int)>("cuDeviceGet");
-    auto cuDevicePrimaryCtxRetain = cuda.get<int (*)(void **, int)>("cuDevicePrimaryCtxRetain");
-    auto cuCtxSetCurrent = cuda.get<int (*)(void *)>("cuCtxSetCurrent");
+    using CUdeviceptr = CallerCuda::CUdeviceptr;
     auto cuMemAlloc = cuda.get<int (*)(CUdeviceptr *, size_t)>("cuMemAlloc_v2");
     auto cuMemFree = cuda.get<int (*)(CUdeviceptr)>("cuMemFree_v2");
-    int device = 0;
-    void *context = nullptr;
-    REQUIRE(cuDeviceGet(&device, 0) == 0);
-    REQUIRE(cuDevicePrimaryCtxRetain(&context, device) == 0);
-    REQUIRE(cuCtxSetCurrent(context) == 0);  // the context attend uses too
+    cuda.use_primary_context();
     ProblemSpec spec = spec_of(1, 8, 2048, 2048, 64);  // 16 MiB of device memory for q, k, v and out
     auto p = make_problem(spec);
     p.options.device = Device::CUDA;
@@ -363,33 +364,12 @@ TEST_CASE("CUDA: a kernel fault: reported, the context refused afterwards, the C
           doctest::skip()) {
     if (g_device != Device::CUDA) return;
     CallerCuda cuda;
-    using CUdeviceptr = unsigned long long;
-    auto cuDeviceGet = cuda.get<int (*)(int *, int)>("cuDeviceGet");
-    auto cuDevicePrimaryCtxRetain = cuda.get<int (*)(void **, int)>("cuDevicePrimaryCtxRetain");
-    auto cuCtxSetCurrent = cuda.get<int (*)(void *)>("cuCtxSetCurrent");
     auto cuCtxSynchronize = cuda.get<int (*)()>("cuCtxSynchronize");
-    auto cuMemAlloc = cuda.get<int (*)(CUdeviceptr *, size_t)>("cuMemAlloc_v2");
-    auto cuMemcpyHtoD = cuda.get<int (*)(CUdeviceptr, const void *, size_t)>("cuMemcpyHtoD_v2");
-    int device = 0;
-    void *context = nullptr;
-    REQUIRE(cuDeviceGet(&device, 0) == 0);
-    REQUIRE(cuDevicePrimaryCtxRetain(&context, device) == 0);
-    REQUIRE(cuCtxSetCurrent(context) == 0);
-
+    cuda.use_primary_context();
     auto p = make_problem(spec_of(1, 2, 64, 64, 64));
-    auto upload = [&](auto &tensor) {
-        auto dense = tensor.dense();
-        CUdeviceptr at = 0;
-        REQUIRE(cuMemAlloc(&at, dense.size() * sizeof(dense[0])) == 0);
-        REQUIRE(cuMemcpyHtoD(at, dense.data(), dense.size() * sizeof(dense[0])) == 0);
-        DLTensor dl = tensor.dl();
-        dl.strides = nullptr;
-        dl.byte_offset = 0;
-        dl.data = reinterpret_cast<void *>(at);
-        dl.device = {kDLCUDA, 0};
-        return dl;
-    };
-    DLTensor q = upload(p.q), k = upload(p.k), v = upload(p.v), out = upload(p.out);
+    CallerCuda::CUdeviceptr allocations[4] = {};  // never freed: the context they live in is broken below
+    DLTensor q = cuda.upload(p.q, &allocations[0]), k = cuda.upload(p.k, &allocations[1]),
+             v = cuda.upload(p.v, &allocations[2]), out = cuda.upload(p.out, &allocations[3]);
     DLTensor q_nowhere = q;
     q_nowhere.data = static_cast<char *>(q.data) + (size_t(1) << 40);  // 1 TiB past q: nothing is there
     Options options;
