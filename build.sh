@@ -5,7 +5,8 @@
 #   ./build.sh demo    run `attend demo`: every kernel against the double-precision
 #                      reference on a naturalspeech2-like batch, with its speed
 #   ./build.sh test    run the whole test suite (ctest), then again with the runtime,
-#                      CLI and tests built under AddressSanitizer + UBSan (build-sanitize/)
+#                      CLI and tests built under AddressSanitizer + UBSan (build-sanitize/),
+#                      then under ThreadSanitizer with the kernels too (build-tsan/)
 #   ./build.sh bench   run the CPU benchmark (GFLOP/s and fraction of the FMA peak)
 #   ./build.sh tune [ARGS]  search the CPU schedule knobs for this machine (tools/tune.py;
 #                      --help for its flags) and write tuning/cpu.json; then ./build.sh
@@ -21,7 +22,7 @@ VENV="$ROOT/.venv"
 BUILD="${ATTEND_BUILD_DIR:-$ROOT/build}"
 # pocl-opencl-icd: an OpenCL device on the CPU, so the GPU schedule is tested without a GPU.
 APT_PACKAGES=(g++ python3 python3-venv doctest-dev libdlpack-dev nlohmann-json3-dev libcli11-dev libbenchmark-dev
-              ocl-icd-opencl-dev pocl-opencl-icd clang libclang-rt-dev)
+              ocl-icd-opencl-dev pocl-opencl-icd clang libclang-rt-dev clang-16 libclang-rt-16-dev llvm)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
@@ -101,6 +102,14 @@ run_tests() {
     say "test suite under AddressSanitizer + UndefinedBehaviorSanitizer"
     # (The tuner's search and the install check run above only: neither is the project's C++.)
     "$VENV/bin/ctest" --test-dir "$sanitize" --output-on-failure -j "$(nproc)" -E "install_and_consume|tune_search"
+    # Again under ThreadSanitizer, the kernels and their Halide runtime (thread pool
+    # included) instrumented too (Halide's tsan feature). clang 16: Halide 21's
+    # instrumentation calls __tsan_memcpy, which gcc 12's TSan runtime lacks.
+    local tsan="$ROOT/build-tsan"
+    CC=clang-16 CXX=clang++-16 build "$tsan" -DATTEND_SANITIZE=thread -DATTEND_BUILD_BENCH=OFF -DATTEND_CROSS_TARGETS=
+    say "test suite under ThreadSanitizer"
+    TSAN_OPTIONS="halt_on_error=1 external_symbolizer_path=$(command -v llvm-symbolizer)" \
+        "$VENV/bin/ctest" --test-dir "$tsan" --output-on-failure -j "$(nproc)" -E "install_and_consume|tune_search"
     # A short bounded fuzzing run of the API and the .npy reader (ASan + UBSan).
     run_fuzz 30
 }

@@ -107,7 +107,7 @@ function(attend_add_kernel NAME)
             GENERATOR attention
             FUNCTION_NAME ${library}
             USE_RUNTIME attend_halide_runtime
-            TARGETS ${target}-user_context
+            TARGETS ${target}-user_context${ATTEND_HALIDE_FEATURES}
             PARAMS head_dim=${ARG_HEAD_DIM} element_type=${ARG_DTYPE} ${params}
             ${scheduler_args})
     endforeach ()

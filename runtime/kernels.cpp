@@ -3,6 +3,7 @@
 #include <cpuid.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -117,7 +118,12 @@ void on_halide_error(void *user_context, const char *message) {
     if (auto *call = static_cast<detail::CallContext *>(user_context)) {
         std::lock_guard<std::mutex> guard(call->lock);
         if (call->errors.size() < 4096) call->errors += message;
+        return;
     }
+    // Outside attend's calls (a caller's own Halide runtime calls, e.g. a device
+    // copy of a Halide buffer): printed as Halide's default handler does, without its abort().
+    const size_t length = std::strlen(message);
+    std::fprintf(stderr, "Halide error: %s%s", message, length && message[length - 1] == '\n' ? "" : "\n");
 }
 
 void install_halide_hooks() {

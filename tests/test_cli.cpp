@@ -39,9 +39,11 @@ public:
     ~Workspace() { fs::remove_all(dir_); }
     std::string path(const std::string &name) const { return (dir_ / name).string(); }
 
-    Result attend(const std::string &args) const {
+    // env: VAR=value settings for the program, before its name.
+    Result attend(const std::string &args, const std::string &env = "") const {
         Result r;
-        std::string command = std::string(ATTEND_CLI) + " " + args + " > " + path("stdout") + " 2> " + path("stderr");
+        std::string command =
+            env + " " + std::string(ATTEND_CLI) + " " + args + " > " + path("stdout") + " 2> " + path("stderr");
         int raw = std::system(command.c_str());
         r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
         r.out = slurp(path("stdout"));
@@ -229,6 +231,31 @@ TEST_CASE("attend run --device opencl|cuda: the same result as cpu, or exit 1 na
         }
     }
 }
+
+#ifdef ATTEND_FAKE_CUDA_DIR
+TEST_CASE("attend run --device cuda when the driver reports a fault: exit 1 naming it, OUT.npy untouched") {
+    CliProblem c;
+    // The fake CUDA driver of tests/fake_cuda, told what to report.
+    const std::string driver = std::string("LD_LIBRARY_PATH=") + ATTEND_FAKE_CUDA_DIR + " ATTEND_FAKE_CUDA=";
+    struct Fault {
+        const char *settings, *message;
+    } faults[] = {
+        {"init=100", "cuInit failed: CUDA_ERROR_NO_DEVICE"},
+        {"devices=0", "device 0 does not exist"},
+        {"memory=4096", "CUDA_ERROR_OUT_OF_MEMORY"},
+        {"fault=launch", "unusable after a kernel fault"},
+    };
+    for (const Fault &fault : faults) {
+        INFO(fault.settings);
+        auto r = c.ws.attend("run " + c.files + " --device cuda", driver + fault.settings);
+        INFO("stderr: " << r.err);
+        CHECK(r.status == 1);
+        CHECK(r.err.find(fault.message) != std::string::npos);
+        CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+        CHECK(c.out_untouched());
+    }
+}
+#endif
 
 TEST_CASE("attend bench --json: the last line is a JSON object with ms and gflops") {
     Workspace ws;

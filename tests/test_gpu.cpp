@@ -191,7 +191,9 @@ TEST_CASE("float16 and bfloat16: against the reference and the float32 kernel") 
     Options causal;
     causal.causal = true;
     for (DType dtype : {DType::Float16, DType::BFloat16}) {
-        for (auto [spec, options] : {std::pair{plain, Options{}}, {masked, causal}, {padded, Options{}}}) {
+        for (const auto &call : {std::pair{plain, Options{}}, {masked, causal}, {padded, Options{}}}) {
+            const ProblemSpec &spec = call.first;
+            const Options &options = call.second;  // (INFO captures them: no structured binding before C++20)
             INFO(to_string(dtype) << " " << describe(spec, options));
             auto p = make_problem(spec, options);
             round_inputs(p, dtype);

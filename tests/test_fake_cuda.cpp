@@ -1,0 +1,166 @@
+// Device faults on CUDA, on any machine: attend against a fake CUDA driver
+// (tests/fake_cuda) that reports no device, runs out of device memory or has a
+// kernel fault, when told to. Each is an attend::Error naming the cause, never an
+// abort; out stays untouched; the CPU path keeps working in the same process.
+// (tests/test_gpu.cpp makes the same faults happen on a real GPU.)
+//
+// The program links the fake (soname libcuda.so.1), so attend's
+// dlopen("libcuda.so.1") finds it already loaded, never a real driver. attend
+// loads the driver once per process: each test case needs a process of its own,
+// as ctest runs them.
+#include <atomic>
+#include <thread>
+
+#include <HalideRuntime.h>
+
+#include "fake_cuda/fake_cuda.h"
+#include "support.hpp"
+
+using namespace attend;
+using namespace attend::test;
+
+namespace {
+
+AttendFakeCudaStats stats() {
+    AttendFakeCudaStats s{};
+    attend_fake_cuda_stats(&s);
+    return s;
+}
+
+// A call on CUDA with host tensors (Halide makes the device copies), out filled
+// with a sentinel.
+Problem cuda_problem(const ProblemSpec &spec) {
+    auto p = make_problem(spec);
+    p.options.device = Device::CUDA;
+    std::fill(p.out.storage.begin(), p.out.storage.end(), 7.0f);
+    return p;
+}
+
+bool untouched(const Problem &p) {
+    return std::all_of(p.out.storage.begin(), p.out.storage.end(), [](float x) { return x == 7.0f; }) &&
+           std::all_of(p.lse->storage.begin(), p.lse->storage.end(), [](float x) { return std::isnan(x); });
+}
+
+void check_cpu_still_works() {
+    auto cpu = make_problem(spec_of(1, 2, 40, 50, 64));
+    check_against_reference(cpu, cpu.expected());
+}
+
+// The error message of a call that must fail with attend::Error.
+std::string error_of(Problem &p) {
+    try {
+        p.run();
+    } catch (const attend::Error &e) {
+        return e.what();
+    }
+    FAIL("the call did not throw attend::Error");
+    return "";
+}
+
+}  // namespace
+
+TEST_CASE("no usable GPU (cuInit fails): attend::Error naming the driver's error, out untouched") {
+    REQUIRE(attend_fake_cuda_configure("init=100") == 0);
+    auto p = cuda_problem(spec_of(1, 2, 33, 40, 64));
+    std::string message = error_of(p);
+    CHECK(message.find("cuInit failed: CUDA_ERROR_NO_DEVICE") != std::string::npos);
+    CHECK(untouched(p));
+    CHECK(stats().work_calls == 0);
+    check_cpu_still_works();
+}
+
+TEST_CASE("no CUDA device: attend::Error saying device 0 does not exist") {
+    REQUIRE(attend_fake_cuda_configure("devices=0") == 0);
+    auto p = cuda_problem(spec_of(1, 2, 33, 40, 64));
+    CHECK(error_of(p).find("device 0 does not exist (this machine has 0 CUDA devices)") != std::string::npos);
+    CHECK(untouched(p));
+    check_cpu_still_works();
+}
+
+TEST_CASE("device memory runs out: OUT_OF_MEMORY, out untouched, nothing left allocated, the device usable after") {
+    // q, k, v and out take 4 x 2 MiB on the device; the device has 3 MiB.
+    REQUIRE(attend_fake_cuda_configure("memory=3145728") == 0);
+    auto p = cuda_problem(spec_of(1, 4, 2048, 2048, 64));
+    std::string message = error_of(p);
+    CHECK(message.find("CUDA_ERROR_OUT_OF_MEMORY") != std::string::npos);
+    CHECK(message.find("unusable") == std::string::npos);  // not a fault: the context is fine
+    CHECK(untouched(p));
+    CHECK(stats().allocations > 0);  // it failed part-way, with some buffers already on the device
+    // Every device buffer of the failed call was released: what Halide keeps for
+    // reuse goes back once the cache is emptied.
+    halide_reuse_device_allocations(nullptr, false);
+    CHECK(stats().live_bytes == 0);
+    halide_reuse_device_allocations(nullptr, true);
+
+    // With memory again the same call gets as far as the launch, which this
+    // driver does not run (a plain error, not a fault).
+    REQUIRE(attend_fake_cuda_configure("memory=1073741824") == 0);
+    message = error_of(p);
+    CHECK(message.find("CUDA_ERROR_NOT_SUPPORTED") != std::string::npos);
+    CHECK(stats().launches == 1);
+    CHECK(untouched(p));
+    check_cpu_still_works();
+}
+
+TEST_CASE("a launch error that is not a fault: reported, and the context stays usable") {
+    auto p = cuda_problem(spec_of(2, 2, 100, 70, 32));
+    for (int call = 1; call <= 3; call++) {
+        std::string message = error_of(p);
+        CHECK(message.find("CUDA_ERROR_NOT_SUPPORTED") != std::string::npos);
+        CHECK(message.find("unusable") == std::string::npos);
+        CHECK(stats().launches == uint64_t(call));  // each call reached the device again
+    }
+    CHECK(untouched(p));
+}
+
+TEST_CASE("a kernel fault: reported, the context refused afterwards without driver calls, the CPU path works") {
+    REQUIRE(attend_fake_cuda_configure("fault=launch") == 0);
+    auto p = cuda_problem(spec_of(1, 2, 64, 64, 64));
+    // The launch succeeds; the fault shows when the result is copied back.
+    std::string message = error_of(p);
+    CHECK(message.find("CUDA_ERROR_ILLEGAL_ADDRESS") != std::string::npos);
+    CHECK(message.find("unusable after a kernel fault") != std::string::npos);
+    CHECK(untouched(p));
+    CHECK(stats().launches == 1);
+
+    // Later calls are refused before any work reaches the driver.
+    const uint64_t work_before = stats().work_calls;
+    message = error_of(p);
+    CHECK(message.find("makes no more calls") != std::string::npos);
+    CHECK(message.find("CUDA_ERROR_ILLEGAL_ADDRESS") != std::string::npos);
+    CHECK(stats().work_calls == work_before);
+    CHECK(untouched(p));
+    check_cpu_still_works();
+}
+
+TEST_CASE("8 threads on CUDA while one kernel faults: every call an attend::Error, then refusals, the CPU works") {
+    REQUIRE(attend_fake_cuda_configure("fault=launch") == 0);
+    constexpr int kThreads = 8, kCalls = 10;
+    std::atomic<int> other_exceptions{0}, successes{0}, faults{0}, refusals{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; t++) {
+        threads.emplace_back([&, t] {
+            auto p = cuda_problem(spec_of(1, 2, 40 + t, 50, 64));
+            for (int call = 0; call < kCalls; call++) {
+                try {
+                    p.run();
+                    successes++;
+                } catch (const attend::Error &e) {
+                    const std::string message = e.what();
+                    faults += message.find("unusable after a kernel fault") != std::string::npos;
+                    refusals += message.find("makes no more calls") != std::string::npos;
+                } catch (...) {
+                    other_exceptions++;
+                }
+            }
+        });
+    }
+    for (auto &t : threads) t.join();
+    CHECK(successes == 0);
+    CHECK(other_exceptions == 0);
+    CHECK(faults >= 1);
+    CHECK(refusals >= 1);
+    auto p = cuda_problem(spec_of(1, 2, 40, 50, 64));
+    CHECK(error_of(p).find("makes no more calls") != std::string::npos);
+    check_cpu_still_works();
+}
