@@ -75,7 +75,7 @@ build() {
 run_fuzz() {
     local seconds="$1" fuzz="$ROOT/build-fuzz"
     CC=clang CXX=clang++ build "$fuzz" -DATTEND_FUZZ=ON -DATTEND_SANITIZE=address,undefined,fuzzer-no-link \
-        -DATTEND_CUDA=OFF -DATTEND_OPENCL=OFF -DATTEND_BUILD_TESTS=OFF -DATTEND_BUILD_BENCH=OFF -DATTEND_CROSS_TARGETS=
+        -DATTEND_OPENCL=OFF -DATTEND_BUILD_TESTS=OFF -DATTEND_BUILD_BENCH=OFF -DATTEND_CROSS_TARGETS=
     for harness in forward npy; do
         local corpus="$ROOT/tests/fuzz/corpus/$harness" scratch="$fuzz/corpus/$harness"
         mkdir -p "$scratch"

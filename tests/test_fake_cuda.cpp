@@ -21,6 +21,14 @@ using namespace attend::test;
 
 namespace {
 
+// Every case starts with this: the driver's settings for the process.
+void start(const char *settings) {
+    static int cases = 0;
+    REQUIRE_MESSAGE(++cases == 1, "attend loads the CUDA driver once per process: run each case in a process of "
+                                  "its own (as ctest does, or with --test-case=NAME)");
+    REQUIRE(attend_fake_cuda_configure(settings) == 0);
+}
+
 AttendFakeCudaStats stats() {
     AttendFakeCudaStats s{};
     attend_fake_cuda_stats(&s);
@@ -60,7 +68,7 @@ std::string error_of(Problem &p) {
 }  // namespace
 
 TEST_CASE("no usable GPU (cuInit fails): attend::Error naming the driver's error, out untouched") {
-    REQUIRE(attend_fake_cuda_configure("init=100") == 0);
+    start("init=100");
     auto p = cuda_problem(spec_of(1, 2, 33, 40, 64));
     std::string message = error_of(p);
     CHECK(message.find("cuInit failed: CUDA_ERROR_NO_DEVICE") != std::string::npos);
@@ -70,7 +78,7 @@ TEST_CASE("no usable GPU (cuInit fails): attend::Error naming the driver's error
 }
 
 TEST_CASE("no CUDA device: attend::Error saying device 0 does not exist") {
-    REQUIRE(attend_fake_cuda_configure("devices=0") == 0);
+    start("devices=0");
     auto p = cuda_problem(spec_of(1, 2, 33, 40, 64));
     CHECK(error_of(p).find("device 0 does not exist (this machine has 0 CUDA devices)") != std::string::npos);
     CHECK(untouched(p));
@@ -79,7 +87,7 @@ TEST_CASE("no CUDA device: attend::Error saying device 0 does not exist") {
 
 TEST_CASE("device memory runs out: OUT_OF_MEMORY, out untouched, nothing left allocated, the device usable after") {
     // q, k, v and out take 4 x 2 MiB on the device; the device has 3 MiB.
-    REQUIRE(attend_fake_cuda_configure("memory=3145728") == 0);
+    start("memory=3145728");
     auto p = cuda_problem(spec_of(1, 4, 2048, 2048, 64));
     std::string message = error_of(p);
     CHECK(message.find("CUDA_ERROR_OUT_OF_MEMORY") != std::string::npos);
@@ -103,6 +111,7 @@ TEST_CASE("device memory runs out: OUT_OF_MEMORY, out untouched, nothing left al
 }
 
 TEST_CASE("a launch error that is not a fault: reported, and the context stays usable") {
+    start("");
     auto p = cuda_problem(spec_of(2, 2, 100, 70, 32));
     for (int call = 1; call <= 3; call++) {
         std::string message = error_of(p);
@@ -114,7 +123,7 @@ TEST_CASE("a launch error that is not a fault: reported, and the context stays u
 }
 
 TEST_CASE("a kernel fault: reported, the context refused afterwards without driver calls, the CPU path works") {
-    REQUIRE(attend_fake_cuda_configure("fault=launch") == 0);
+    start("fault=launch");
     auto p = cuda_problem(spec_of(1, 2, 64, 64, 64));
     // The launch succeeds; the fault shows when the result is copied back.
     std::string message = error_of(p);
@@ -134,7 +143,7 @@ TEST_CASE("a kernel fault: reported, the context refused afterwards without driv
 }
 
 TEST_CASE("8 threads on CUDA while one kernel faults: every call an attend::Error, then refusals, the CPU works") {
-    REQUIRE(attend_fake_cuda_configure("fault=launch") == 0);
+    start("fault=launch");
     constexpr int kThreads = 8, kCalls = 10;
     std::atomic<int> other_exceptions{0}, successes{0}, faults{0}, refusals{0};
     std::vector<std::thread> threads;

@@ -1,9 +1,11 @@
 // libFuzzer harness for attend::forward: the bytes choose shapes, ranks, strides,
 // byte offsets, dtypes, devices, null pointers, options and the data, and the
 // call goes through the DLPack or the Halide-buffer entry point. A call may fail
-// only with std::invalid_argument or attend::Error, and a rejected call must
-// leave out untouched; anything else (a crash, a sanitizer report, another
-// exception, a changed out) is a finding.
+// only with std::invalid_argument or attend::Error, and a rejected call (or a
+// failed one on a GPU) must leave out untouched; anything else (a crash, a
+// sanitizer report, another exception, a changed out) is a finding. Where the
+// CUDA kernels are built, CUDA calls run against the fake driver of
+// tests/fake_cuda, sometimes with too little device memory.
 //
 // The tensors' storage always covers what their shapes and strides claim: a
 // caller lying about its own memory is outside what attend can check.
@@ -13,9 +15,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "attend/attend.hpp"
+#if ATTEND_FUZZ_FAKE_CUDA
+#include "../fake_cuda/fake_cuda.h"
+#endif
 
 namespace {
 
@@ -170,6 +176,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     // The flop count stays small so that one input takes milliseconds.
     if (double(b) * double(h) * double(n) * double(m) * double(d + dv) > 4e7) return 0;
+#if ATTEND_FUZZ_FAKE_CUDA
+    // Sometimes a device too small for the call. (Never a kernel fault: it would
+    // leave the context unusable for every input after it.)
+    const uint64_t device_memory = in.ConsumeIntegralInRange(0, 3) == 3 ? in.ConsumeIntegralInRange<uint64_t>(1, 1 << 22)
+                                                                        : uint64_t(1) << 30;
+    attend_fake_cuda_configure(("memory=" + std::to_string(device_memory)).c_str());
+#endif
+    // Calls that run on a GPU copy their results to host tensors only when all went well.
+    bool on_gpu = options.device == attend::Device::CUDA || options.device == attend::Device::OpenCL;
+    for (FuzzTensor *t : {&q, &k, &v, &out}) on_gpu = on_gpu || t->device.device_type == kDLCUDA;
 
     const std::vector<unsigned char> out_before = out.storage, lse_before = lse.storage;
     try {
@@ -192,6 +208,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         }
     } catch (const attend::Error &) {
         // A failure while running (e.g. a device that is not there): reported, not a crash.
+        if (on_gpu && (out.storage != out_before || lse.storage != lse_before)) {
+            std::fprintf(stderr, "a failed GPU call changed out or lse\n");
+            std::abort();
+        }
     }
     return 0;
 }
