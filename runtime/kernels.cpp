@@ -199,7 +199,7 @@ struct KernelBuffer {
 // A dense host copy (C order) of t (any strides, elements of `bytes` bytes) whose
 // last dim is widened to `width` with zeros (all-zero bits: +0 in every float
 // type): zero columns of q and k add nothing to a score, and those of v give
-// output columns that unpad_into drops. copy=false: zeros only.
+// output columns that copy_into drops. copy=false: zeros only.
 detail::TensorView padded(const detail::TensorView &t, int64_t width, size_t bytes, std::vector<uint8_t> &storage,
                           bool copy = true) {
     detail::TensorView wide = t;
@@ -226,7 +226,9 @@ detail::TensorView padded(const detail::TensorView &t, int64_t width, size_t byt
     return wide;
 }
 
-void unpad_into(const detail::TensorView &wide, const detail::TensorView &out, size_t bytes) {
+// Copies a dense host result (C order; its last dim at least out's: the extra
+// columns of a padded one are dropped) into out's memory, by out's strides.
+void copy_into(const detail::TensorView &wide, const detail::TensorView &out, size_t bytes) {
     const auto *src = static_cast<const uint8_t *>(wide.data);
     auto *dst = static_cast<uint8_t *>(out.data);
     for (int64_t a = 0; a < out.shape[0]; a++)
@@ -242,12 +244,15 @@ void unpad_into(const detail::TensorView &wide, const detail::TensorView &out, s
 
 // The kernels write lse as the second value of out (c, i, h, b): they get lse
 // [b, h, n] seen as [b, h, n, width] with stride 0 in the last dim. Without a
-// caller's lse, the CPU writes into `scratch`; a GPU into device memory that
-// Halide allocates during the call (data null).
-detail::TensorView lse_for_kernel(const detail::Problem &p, int64_t width, Device device,
+// caller's lse, or when its result is staged (see run()), lse is dense: on the
+// CPU or staged in `scratch`, else in device memory that Halide allocates during
+// the call (data null).
+detail::TensorView lse_for_kernel(const detail::Problem &p, int64_t width, Device device, bool staged,
                                   std::vector<float> &scratch) {
     detail::TensorView t = p.lse;
-    if (!t.present) {
+    if (!p.lse.present || staged) {
+        t = detail::TensorView();
+        t.present = p.lse.present;
         t.name = "lse";
         t.dtype = DLDataType{kDLFloat, 32, 1};
         t.shape[0] = p.b;
@@ -256,7 +261,7 @@ detail::TensorView lse_for_kernel(const detail::Problem &p, int64_t width, Devic
         t.strides[0] = p.h * p.n;
         t.strides[1] = p.n;
         t.strides[2] = 1;
-        if (device == Device::CPU) {
+        if (device == Device::CPU || staged) {
             scratch.assign(size_t(p.b * p.h * p.n), 0.0f);
             t.data = scratch.data();
         }
@@ -291,6 +296,12 @@ int32_t key_splits_for(const KernelEntry &kernel, const detail::Problem &p, cons
 // Whether the runtime can read a tensor's data on the host.
 bool host_readable(const detail::TensorView &t) {
     return t.data && detail::location(t) == Device::CPU && !t.on_device_only;
+}
+
+// Whether a GPU call copies its result for the output t back to host memory (a
+// caller's Halide buffer with a device allocation keeps it on the device).
+bool result_to_host(const detail::TensorView &t) {
+    return t.present && host_readable(t) && !(t.halide && t.halide->device);
 }
 
 // k and v are read in the kernels' hot loops, which need their head dim dense:
@@ -524,11 +535,17 @@ void run(const Problem &p, const Options &options) {
 
     std::vector<uint8_t> q_storage, k_storage, v_storage, out_storage;
     const size_t bytes = halide_type_of(p.dtype, kernel->device).bytes();
+    const bool gpu = kernel->device != Device::CPU;
     TensorView q = p.q, k = p.k, v = p.v, out = p.out;
     const bool pad = kernel->head_dim != 0 && !fits(*kernel, p.d, p.dv);
+    // A GPU call's host results are staged: copied back into scratch memory, and
+    // into the caller's only once every step succeeded, so that a copy or a
+    // release failing part-way leaves out and lse untouched. (Padding stages out.)
+    const bool stage_out = pad || (gpu && result_to_host(p.out)), stage_lse = gpu && result_to_host(p.lse);
     if (!pad) {
         k = dense_head_dim(p.k, bytes, k_storage);
         v = dense_head_dim(p.v, bytes, v_storage);
+        if (stage_out) out = padded(p.out, p.dv, bytes, out_storage, /*copy=*/false);
     } else {
         if (!host_readable(p.q) || !host_readable(p.k) || !host_readable(p.v) || !host_readable(p.out)) {
             throw std::invalid_argument(std::string("attend: q: ") + kernel->name + " runs d = dv = " +
@@ -555,7 +572,7 @@ void run(const Problem &p, const Options &options) {
     }
     const int64_t all_keys_rows = all_keys_rows_of(p);
     std::vector<float> lse_scratch;
-    const TensorView lse = lse_for_kernel(p, out.shape[3], kernel->device, lse_scratch);
+    const TensorView lse = lse_for_kernel(p, out.shape[3], kernel->device, stage_lse, lse_scratch);
     const halide_type_t element = halide_type_of(p.dtype, kernel->device), f32(halide_type_float, 32), u8(halide_type_uint, 8);
     KernelBuffer q_buf(q, element), k_buf(k, element), v_buf(v, element), mask_buf(mask, u8), out_buf(out, element),
         lse_buf(lse, f32);
@@ -570,7 +587,6 @@ void run(const Problem &p, const Options &options) {
     };
     KernelBuffer *buffers[] = {&q_buf, &k_buf, &v_buf, &mask_buf, &out_buf, &lse_buf};
     int status = 0;
-    const bool gpu = kernel->device != Device::CPU;
     if (gpu) {
         for (KernelBuffer *b : buffers) {
             const bool is_output = b == &out_buf || b == &lse_buf;
@@ -585,17 +601,11 @@ void run(const Problem &p, const Options &options) {
                           uint32_t(p.seed >> 32), int32_t(p.causal_offset), int32_t(all_keys_rows),
                           key_splits_for(*kernel, p, options), &out_buf.buffer, &lse_buf.buffer);
     }
-    // Host outputs get their results only when everything succeeded: otherwise
-    // they are untouched. (A caller's Halide buffer with a device allocation keeps
-    // the result on the device.)
-    auto wants_host_copy = [&](const TensorView &t) {
-        return gpu && status == 0 && t.present && host_readable(t) && !(t.halide && t.halide->device);
-    };
-    if (wants_host_copy(out)) {
+    if (status == 0 && stage_out) {
         stage = "copying the result to the host";
         status = halide_copy_to_host(&call, &out_buf.buffer);
     }
-    if (wants_host_copy(p.lse)) {
+    if (status == 0 && stage_lse) {
         stage = "copying lse to the host";
         halide_buffer_t lse_3d = lse_as_3d(lse_buf.buffer);
         status = halide_copy_to_host(&call, &lse_3d);
@@ -617,7 +627,13 @@ void run(const Problem &p, const Options &options) {
         }
         throw error;
     }
-    if (pad) unpad_into(out, p.out, bytes);
+    if (stage_out) copy_into(out, p.out, bytes);
+    if (stage_lse) {
+        TensorView into = p.lse;  // [b, h, n] as the [b, h, n, 1] copy_into takes
+        into.shape[3] = 1;
+        into.strides[3] = 1;
+        copy_into(lse, into, sizeof(float));
+    }
     // A CPU kernel wrote the host memory of a caller's Halide buffer: its device copy is stale.
     for (const TensorView *written : {&p.out, &p.lse}) {
         if (!gpu && written->halide && written->halide->device_interface) {

@@ -236,7 +236,8 @@ TEST_CASE("attend run --device opencl|cuda: the same result as cpu, or exit 1 na
 TEST_CASE("attend run --device cuda when the driver reports a fault: exit 1 naming it, OUT.npy untouched") {
     CliProblem c;
     // The fake CUDA driver of tests/fake_cuda, told what to report.
-    const std::string driver = std::string("LD_LIBRARY_PATH=") + ATTEND_FAKE_CUDA_DIR + " ATTEND_FAKE_CUDA=";
+    const std::string driver =
+        std::string("LD_LIBRARY_PATH=") + ATTEND_FAKE_CUDA_DIR + "${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} ATTEND_FAKE_CUDA=";
     struct Fault {
         const char *settings, *message;
     } faults[] = {

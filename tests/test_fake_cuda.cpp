@@ -85,27 +85,36 @@ TEST_CASE("no CUDA device: attend::Error saying device 0 does not exist") {
     check_cpu_still_works();
 }
 
-TEST_CASE("device memory runs out: OUT_OF_MEMORY, out untouched, nothing left allocated, the device usable after") {
-    // q, k, v and out take 4 x 2 MiB on the device; the device has 3 MiB.
-    start("memory=3145728");
+// Halide keeps freed device memory for reuse; emptying that cache frees it.
+uint64_t live_bytes_after_emptying_the_cache() {
+    halide_reuse_device_allocations(nullptr, false);
+    halide_reuse_device_allocations(nullptr, true);
+    return stats().live_bytes;
+}
+
+TEST_CASE("device memory runs out part-way: OUT_OF_MEMORY, out untouched, nothing left allocated, usable after") {
+    start("");
     auto p = cuda_problem(spec_of(1, 4, 2048, 2048, 64));
+    // What the call allocates, measured on a large device (the call gets as far
+    // as the launch, which this driver does not run).
+    CHECK(error_of(p).find("CUDA_ERROR_NOT_SUPPORTED") != std::string::npos);
+    const uint64_t needed = stats().peak_live_bytes, allocations = stats().allocations;
+    INFO("the call allocates " << needed << " bytes in " << allocations << " allocations");
+    REQUIRE(allocations >= 3);
+    REQUIRE(live_bytes_after_emptying_the_cache() == 0);
+
+    // One byte less: the last allocation fails, with the others on the device.
+    REQUIRE(attend_fake_cuda_configure(("memory=" + std::to_string(needed - 1)).c_str()) == 0);
     std::string message = error_of(p);
     CHECK(message.find("CUDA_ERROR_OUT_OF_MEMORY") != std::string::npos);
     CHECK(message.find("unusable") == std::string::npos);  // not a fault: the context is fine
     CHECK(untouched(p));
-    CHECK(stats().allocations > 0);  // it failed part-way, with some buffers already on the device
-    // Every device buffer of the failed call was released: what Halide keeps for
-    // reuse goes back once the cache is emptied.
-    halide_reuse_device_allocations(nullptr, false);
-    CHECK(stats().live_bytes == 0);
-    halide_reuse_device_allocations(nullptr, true);
+    CHECK(stats().allocations - allocations == allocations - 1);
+    CHECK(live_bytes_after_emptying_the_cache() == 0);  // every device buffer of the failed call was released
 
-    // With memory again the same call gets as far as the launch, which this
-    // driver does not run (a plain error, not a fault).
-    REQUIRE(attend_fake_cuda_configure("memory=1073741824") == 0);
-    message = error_of(p);
-    CHECK(message.find("CUDA_ERROR_NOT_SUPPORTED") != std::string::npos);
-    CHECK(stats().launches == 1);
+    // With the memory back the same call gets as far as the launch again.
+    REQUIRE(attend_fake_cuda_configure(("memory=" + std::to_string(needed)).c_str()) == 0);
+    CHECK(error_of(p).find("CUDA_ERROR_NOT_SUPPORTED") != std::string::npos);
     CHECK(untouched(p));
     check_cpu_still_works();
 }
@@ -122,10 +131,11 @@ TEST_CASE("a launch error that is not a fault: reported, and the context stays u
     CHECK(untouched(p));
 }
 
-TEST_CASE("a kernel fault: reported, the context refused afterwards without driver calls, the CPU path works") {
+TEST_CASE("a kernel fault: reported, later calls refused with no work sent to the driver, the CPU path works") {
     start("fault=launch");
     auto p = cuda_problem(spec_of(1, 2, 64, 64, 64));
-    // The launch succeeds; the fault shows when the result is copied back.
+    // The launch succeeds; the fault shows at the next call that works in the
+    // context (the next kernel's, or the copy back).
     std::string message = error_of(p);
     CHECK(message.find("CUDA_ERROR_ILLEGAL_ADDRESS") != std::string::npos);
     CHECK(message.find("unusable after a kernel fault") != std::string::npos);
@@ -138,6 +148,19 @@ TEST_CASE("a kernel fault: reported, the context refused afterwards without driv
     CHECK(message.find("makes no more calls") != std::string::npos);
     CHECK(message.find("CUDA_ERROR_ILLEGAL_ADDRESS") != std::string::npos);
     CHECK(stats().work_calls == work_before);
+    CHECK(untouched(p));
+    check_cpu_still_works();
+}
+
+TEST_CASE("a fault while the results come back: out and lse untouched, though out's copy had arrived") {
+    // Launches succeed (doing nothing); the second copy to the host, lse's after
+    // out's, faults. out's data reached the host first, into attend's scratch.
+    start("launch=noop,fault=copy_to_host:2");
+    auto p = cuda_problem(spec_of(1, 2, 33, 40, 64));
+    std::string message = error_of(p);
+    CHECK(message.find("copying lse to the host") != std::string::npos);
+    CHECK(message.find("CUDA_ERROR_ILLEGAL_ADDRESS") != std::string::npos);
+    CHECK(stats().copies_to_host == 2);
     CHECK(untouched(p));
     check_cpu_still_works();
 }

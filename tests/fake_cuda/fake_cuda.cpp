@@ -2,13 +2,17 @@
 // GPU, how attend handles what a driver can report: no device, device memory
 // running out, and kernel faults that leave a context unusable. It implements
 // the part of the driver API that Halide's CUDA runtime and attend call, with
-// device memory in host memory and the driver's rules for contexts and sticky
-// errors. It runs no kernels: a launch that does not fault returns
-// CUDA_ERROR_NOT_SUPPORTED. Settings: fake_cuda.h.
+// device memory in host memory and the driver's rules: calls before cuInit fail,
+// work needs a current context, copies must stay inside allocations, and after
+// a fault every call that works in the context fails with the fault's error.
+// It runs no kernels. Settings: fake_cuda.h.
 #include "fake_cuda.h"
 
+#include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <string>
@@ -43,15 +47,28 @@ struct Module {
     Context *context;
 };
 
-struct State {
-    std::mutex lock;
+struct Allocation {
+    size_t bytes;
+    Context *context;
+};
+
+enum class Launch { Unsupported, Noop };
+
+struct Settings {  // see fake_cuda.h
     CUresult init_result = kSuccess;
-    bool initialised = false;
     int devices = 1;
     uint64_t memory = uint64_t(1) << 30;
+    Launch launch = Launch::Unsupported;
     bool fault_next_launch = false;
+    uint64_t fault_at_copy_to_host = 0;  // 0: none; else the count of device-to-host copies that faults
+};
+
+struct State {
+    std::mutex lock;
+    Settings settings;
+    bool initialised = false;
     std::vector<Context *> primary;  // one per device, made on first use, never freed
-    std::map<CUdeviceptr, size_t> allocations;
+    std::map<CUdeviceptr, Allocation> allocations;
     AttendFakeCudaStats stats{};
 };
 
@@ -62,7 +79,15 @@ State &state() {
 
 thread_local std::vector<Context *> current_stack;  // the context stack of this thread
 
+// A whole decimal number in [low, high], else false.
+bool parse(const std::string &text, long long low, long long high, long long &value) {
+    char *end = nullptr;
+    value = std::strtoll(text.c_str(), &end, 10);
+    return !text.empty() && *end == 0 && value >= low && value <= high;
+}
+
 int configure_locked(State &s, const char *settings) {
+    Settings next = s.settings;
     std::string text = settings ? settings : "";
     size_t at = 0;
     while (at < text.size()) {
@@ -74,30 +99,43 @@ int configure_locked(State &s, const char *settings) {
         size_t eq = item.find('=');
         if (eq == std::string::npos) return -1;
         std::string key = item.substr(0, eq), value = item.substr(eq + 1);
-        if (key == "init") {
-            s.init_result = std::atoi(value.c_str());
-        } else if (key == "devices") {
-            s.devices = std::atoi(value.c_str());
-        } else if (key == "memory") {
-            s.memory = std::strtoull(value.c_str(), nullptr, 10);
+        long long number = 0;
+        if (key == "init" && parse(value, 0, 999, number)) {
+            next.init_result = CUresult(number);
+        } else if (key == "devices" && parse(value, 0, 8, number)) {
+            next.devices = int(number);
+        } else if (key == "memory" && parse(value, 0, 1LL << 40, number)) {
+            next.memory = uint64_t(number);
+        } else if (key == "launch" && (value == "unsupported" || value == "noop")) {
+            next.launch = value == "noop" ? Launch::Noop : Launch::Unsupported;
         } else if (key == "fault" && (value == "launch" || value == "none")) {
-            s.fault_next_launch = value == "launch";
+            next.fault_next_launch = value == "launch";
+            if (value == "none") next.fault_at_copy_to_host = 0;
+        } else if (key == "fault" && value.rfind("copy_to_host:", 0) == 0 &&
+                   parse(value.substr(13), 1, 1000000, number)) {
+            next.fault_at_copy_to_host = s.stats.copies_to_host + uint64_t(number);
         } else {
             return -1;
         }
     }
+    s.settings = next;
     return 0;
 }
 
-// The settings of the environment, once, when the driver loads.
+// The settings of the environment, once, when the driver loads. A bad one stops
+// the test program at once rather than letting it run with other settings.
 __attribute__((constructor)) void read_environment() {
     State &s = state();
     std::lock_guard<std::mutex> guard(s.lock);
-    configure_locked(s, std::getenv("ATTEND_FAKE_CUDA"));
+    const char *settings = std::getenv("ATTEND_FAKE_CUDA");
+    if (configure_locked(s, settings) != 0) {
+        std::fprintf(stderr, "fake CUDA driver: bad ATTEND_FAKE_CUDA '%s' (see tests/fake_cuda/fake_cuda.h)\n", settings);
+        std::abort();
+    }
 }
 
 Context *primary_of(State &s, int device) {
-    if (s.primary.size() < size_t(s.devices)) s.primary.resize(size_t(s.devices), nullptr);
+    if (s.primary.size() < size_t(device) + 1) s.primary.resize(size_t(device) + 1, nullptr);
     if (!s.primary[size_t(device)]) {
         s.primary[size_t(device)] = new Context{device, 1000 + uint64_t(device), kSuccess};
     }
@@ -116,15 +154,39 @@ CUresult enter_work(State &s) {
     return c->sticky;
 }
 
-CUresult copy(void *to, const void *from, size_t bytes) {
+// The host memory of [at, at + bytes) of device memory, or null where that is
+// not inside one allocation.
+void *device_range(State &s, CUdeviceptr at, size_t bytes) {
+    auto found = s.allocations.upper_bound(at);
+    if (found == s.allocations.begin()) return nullptr;
+    --found;
+    if (at + bytes > found->first + found->second.bytes) return nullptr;
+    return reinterpret_cast<void *>(static_cast<uintptr_t>(at));
+}
+
+enum class Direction { ToDevice, ToHost, OnDevice };
+
+CUresult copy(CUdeviceptr device_to, void *host_to, CUdeviceptr device_from, const void *host_from, size_t bytes,
+              Direction direction) {
     State &s = state();
     std::lock_guard<std::mutex> guard(s.lock);
     if (CUresult r = enter_work(s)) return r;
+    void *to = direction == Direction::ToHost ? host_to : device_range(s, device_to, bytes);
+    const void *from = direction == Direction::ToDevice ? host_from : device_range(s, device_from, bytes);
+    if (!to || !from) return kInvalidValue;
+    if (direction == Direction::ToHost && ++s.stats.copies_to_host == s.settings.fault_at_copy_to_host) {
+        current()->sticky = kIllegalAddress;  // as when a kernel in the context faulted meanwhile
+        return kIllegalAddress;
+    }
     std::memcpy(to, from, bytes);
     return kSuccess;
 }
 
-void *host(CUdeviceptr p) { return reinterpret_cast<void *>(static_cast<uintptr_t>(p)); }
+bool initialised() {
+    State &s = state();
+    std::lock_guard<std::mutex> guard(s.lock);
+    return s.initialised;
+}
 
 }  // namespace
 
@@ -164,15 +226,15 @@ CUresult cuGetErrorName(CUresult error, const char **name) {
 CUresult cuInit(unsigned) {
     State &s = state();
     std::lock_guard<std::mutex> guard(s.lock);
-    s.initialised = s.init_result == kSuccess;
-    return s.init_result;
+    s.initialised = s.settings.init_result == kSuccess;
+    return s.settings.init_result;
 }
 
 CUresult cuDeviceGetCount(int *count) {
     State &s = state();
     std::lock_guard<std::mutex> guard(s.lock);
     if (!s.initialised) return kNotInitialized;
-    *count = s.devices;
+    *count = s.settings.devices;
     return kSuccess;
 }
 
@@ -180,7 +242,7 @@ CUresult cuDeviceGet(CUdevice *device, int ordinal) {
     State &s = state();
     std::lock_guard<std::mutex> guard(s.lock);
     if (!s.initialised) return kNotInitialized;
-    if (ordinal < 0 || ordinal >= s.devices) return kInvalidDevice;
+    if (ordinal < 0 || ordinal >= s.settings.devices) return kInvalidDevice;
     *device = ordinal;
     return kSuccess;
 }
@@ -189,7 +251,7 @@ CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice device) {
     State &s = state();
     std::lock_guard<std::mutex> guard(s.lock);
     if (!s.initialised) return kNotInitialized;
-    if (device < 0 || device >= s.devices) return kInvalidDevice;
+    if (device < 0 || device >= s.settings.devices) return kInvalidDevice;
     switch (attribute) {
     case 75: *value = 8; break;   // compute capability major
     case 76: *value = 0; break;   // minor
@@ -201,14 +263,14 @@ CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice device) {
 }
 
 CUresult cuDeviceGetName(char *name, int length, CUdevice) {
-    if (length > 0) std::strncpy(name, "attend fake CUDA device", size_t(length) - 1)[length - 1] = 0;
+    if (length > 0) std::snprintf(name, size_t(length), "attend fake CUDA device");
     return kSuccess;
 }
 
 CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice) {
     State &s = state();
     std::lock_guard<std::mutex> guard(s.lock);
-    *bytes = size_t(s.memory);
+    *bytes = size_t(s.settings.memory);
     return kSuccess;
 }
 
@@ -216,7 +278,7 @@ CUresult cuDevicePrimaryCtxRetain(void **context, CUdevice device) {
     State &s = state();
     std::lock_guard<std::mutex> guard(s.lock);
     if (!s.initialised) return kNotInitialized;
-    if (device < 0 || device >= s.devices) return kInvalidDevice;
+    if (device < 0 || device >= s.settings.devices) return kInvalidDevice;
     *context = primary_of(s, device);
     return kSuccess;
 }
@@ -237,11 +299,13 @@ CUresult cuCtxGetApiVersion(void *, unsigned *version) {
 }
 
 CUresult cuCtxGetCurrent(void **context) {
+    if (!initialised()) return kNotInitialized;
     *context = current();
     return kSuccess;
 }
 
 CUresult cuCtxSetCurrent(void *context) {
+    if (!initialised()) return kNotInitialized;
     if (current_stack.empty()) {
         current_stack.push_back(static_cast<Context *>(context));
     } else {
@@ -251,12 +315,14 @@ CUresult cuCtxSetCurrent(void *context) {
 }
 
 CUresult cuCtxPushCurrent_v2(void *context) {
+    if (!initialised()) return kNotInitialized;
     if (!context) return kInvalidContext;
     current_stack.push_back(static_cast<Context *>(context));
     return kSuccess;
 }
 
 CUresult cuCtxPopCurrent_v2(void **context) {
+    if (!initialised()) return kNotInitialized;
     if (current_stack.empty()) return kInvalidContext;
     if (context) *context = current_stack.back();
     current_stack.pop_back();
@@ -264,6 +330,7 @@ CUresult cuCtxPopCurrent_v2(void **context) {
 }
 
 CUresult cuCtxGetDevice(CUdevice *device) {
+    if (!initialised()) return kNotInitialized;
     Context *c = current();
     if (!c) return kInvalidContext;
     *device = c->device;
@@ -271,6 +338,7 @@ CUresult cuCtxGetDevice(CUdevice *device) {
 }
 
 CUresult cuCtxGetId(void *context, unsigned long long *id) {
+    if (!initialised()) return kNotInitialized;
     if (!context) return kInvalidContext;
     *id = static_cast<Context *>(context)->id;
     return kSuccess;
@@ -318,13 +386,13 @@ CUresult cuLaunchKernel(void *function, unsigned, unsigned, unsigned, unsigned, 
     if (CUresult r = enter_work(s)) return r;
     if (!function) return kInvalidHandle;
     s.stats.launches++;
-    if (s.fault_next_launch) {
+    if (s.settings.fault_next_launch) {
         // Launches are asynchronous: the launch succeeds, the fault shows later.
-        s.fault_next_launch = false;
+        s.settings.fault_next_launch = false;
         current()->sticky = kIllegalAddress;
         return kSuccess;
     }
-    return kNotSupported;
+    return s.settings.launch == Launch::Noop ? kSuccess : kNotSupported;
 }
 
 CUresult cuMemAlloc_v2(CUdeviceptr *at, size_t bytes) {
@@ -332,12 +400,13 @@ CUresult cuMemAlloc_v2(CUdeviceptr *at, size_t bytes) {
     std::lock_guard<std::mutex> guard(s.lock);
     if (CUresult r = enter_work(s)) return r;
     if (bytes == 0) return kInvalidValue;
-    if (bytes > s.memory - s.stats.live_bytes) return kOutOfMemory;
+    if (bytes > s.settings.memory || s.stats.live_bytes > s.settings.memory - bytes) return kOutOfMemory;
     void *memory = std::malloc(bytes);
     if (!memory) return kOutOfMemory;
     *at = CUdeviceptr(reinterpret_cast<uintptr_t>(memory));
-    s.allocations[*at] = bytes;
+    s.allocations[*at] = Allocation{bytes, current()};
     s.stats.live_bytes += bytes;
+    s.stats.peak_live_bytes = std::max(s.stats.peak_live_bytes, s.stats.live_bytes);
     s.stats.allocations++;
     return kSuccess;
 }
@@ -345,35 +414,39 @@ CUresult cuMemAlloc_v2(CUdeviceptr *at, size_t bytes) {
 CUresult cuMemFree_v2(CUdeviceptr at) {
     State &s = state();
     std::lock_guard<std::mutex> guard(s.lock);
+    if (!s.initialised) return kNotInitialized;
+    if (Context *c = current(); c && c->sticky) return c->sticky;
     auto found = s.allocations.find(at);
     if (found == s.allocations.end()) return kInvalidValue;
-    s.stats.live_bytes -= found->second;
+    s.stats.live_bytes -= found->second.bytes;
     s.allocations.erase(found);
-    std::free(host(at));
+    std::free(reinterpret_cast<void *>(static_cast<uintptr_t>(at)));
     return kSuccess;
 }
 
-CUresult cuMemcpyHtoD_v2(CUdeviceptr to, const void *from, size_t bytes) { return copy(host(to), from, bytes); }
-CUresult cuMemcpyDtoH_v2(void *to, CUdeviceptr from, size_t bytes) { return copy(to, host(from), bytes); }
-CUresult cuMemcpyDtoD_v2(CUdeviceptr to, CUdeviceptr from, size_t bytes) { return copy(host(to), host(from), bytes); }
+CUresult cuMemcpyHtoD_v2(CUdeviceptr to, const void *from, size_t bytes) {
+    return copy(to, nullptr, 0, from, bytes, Direction::ToDevice);
+}
+CUresult cuMemcpyDtoH_v2(void *to, CUdeviceptr from, size_t bytes) {
+    return copy(0, to, from, nullptr, bytes, Direction::ToHost);
+}
+CUresult cuMemcpyDtoD_v2(CUdeviceptr to, CUdeviceptr from, size_t bytes) {
+    return copy(to, nullptr, from, nullptr, bytes, Direction::OnDevice);
+}
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr to, const void *from, size_t bytes, void *) {
-    return copy(host(to), from, bytes);
+    return cuMemcpyHtoD_v2(to, from, bytes);
 }
-CUresult cuMemcpyDtoHAsync_v2(void *to, CUdeviceptr from, size_t bytes, void *) { return copy(to, host(from), bytes); }
+CUresult cuMemcpyDtoHAsync_v2(void *to, CUdeviceptr from, size_t bytes, void *) { return cuMemcpyDtoH_v2(to, from, bytes); }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr to, CUdeviceptr from, size_t bytes, void *) {
-    return copy(host(to), host(from), bytes);
+    return cuMemcpyDtoD_v2(to, from, bytes);
 }
-CUresult cuMemcpy3D_v2(const void *) { return kNotSupported; }
+CUresult cuMemcpy3D_v2(const void *) { return kNotSupported; }  // Halide 21 looks it up but copies without it
 
 CUresult cuPointerGetAttribute(void *result, int attribute, CUdeviceptr at) {
     State &s = state();
     std::lock_guard<std::mutex> guard(s.lock);
-    auto found = s.allocations.upper_bound(at);
-    if (found == s.allocations.begin()) return kInvalidValue;
-    --found;
-    if (at >= found->first + found->second) return kInvalidValue;
-    if (attribute != 1 /* CU_POINTER_ATTRIBUTE_CONTEXT */) return kInvalidValue;
-    *static_cast<void **>(result) = primary_of(s, 0);
+    if (attribute != 1 /* CU_POINTER_ATTRIBUTE_CONTEXT */ || !device_range(s, at, 1)) return kInvalidValue;
+    *static_cast<void **>(result) = std::prev(s.allocations.upper_bound(at))->second.context;
     return kSuccess;
 }
 
