@@ -35,6 +35,13 @@ AttendFakeCudaStats stats() {
     return s;
 }
 
+// Halide keeps freed device memory for reuse; emptying that cache frees it.
+uint64_t live_bytes_after_emptying_the_cache() {
+    halide_reuse_device_allocations(nullptr, false);
+    halide_reuse_device_allocations(nullptr, true);
+    return stats().live_bytes;
+}
+
 // A call on CUDA with host tensors (Halide makes the device copies), out filled
 // with a sentinel.
 Problem cuda_problem(const ProblemSpec &spec) {
@@ -83,13 +90,6 @@ TEST_CASE("no CUDA device: attend::Error saying device 0 does not exist") {
     CHECK(error_of(p).find("device 0 does not exist (this machine has 0 CUDA devices)") != std::string::npos);
     CHECK(untouched(p));
     check_cpu_still_works();
-}
-
-// Halide keeps freed device memory for reuse; emptying that cache frees it.
-uint64_t live_bytes_after_emptying_the_cache() {
-    halide_reuse_device_allocations(nullptr, false);
-    halide_reuse_device_allocations(nullptr, true);
-    return stats().live_bytes;
 }
 
 TEST_CASE("device memory runs out part-way: OUT_OF_MEMORY, out untouched, nothing left allocated, usable after") {
