@@ -15,7 +15,9 @@ JSON line per measurement (so a run cut short keeps what it measured).
     python3 bench/compare_gpu.py --build build --out bench/results/gpu
 
 --device opencl --quick dry-runs the same flow without a GPU (PoCL; SDPA on the CPU).
-TFLOP/s count 4*b*h*n*m*d, halved for causal. Times are medians.
+TFLOP/s count 4*b*h*n*m*d, halved for causal. Times are medians of samples taken
+after 0.2 s of warm-up calls, each sample a batch of calls (about 20 ms) with one
+wait at its end, for both Attend and SDPA.
 """
 import argparse
 import json
@@ -53,6 +55,9 @@ def repeats(s):
     return 3 if s["n"] >= 16384 else 7
 
 
+WARM_UP_MS, SAMPLE_MS = 200, 20  # the same as attend bench's on a GPU
+
+
 SUFFIX = {"float32": "", "float16": "_f16", "bfloat16": "_bf16"}
 
 
@@ -82,22 +87,29 @@ def torch_sdpa(s, on_gpu, dtype="float32"):
     shape = (s["b"], s["h"], s["n"], s["d"])
     q, k, v = (torch.randn(shape, device=dev, generator=g).to(getattr(torch, dtype)) for _ in range(3))
     f = torch.nn.functional.scaled_dot_product_attention
-    times = []
-    for r in range(repeats(s) + 1):
+
+    def elapsed_ms(calls):  # `calls` calls back to back, one wait at the end
         if on_gpu:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            f(q, k, v, is_causal=s["causal"])
+            for _ in range(calls):
+                f(q, k, v, is_causal=s["causal"])
             end.record()
             torch.cuda.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        for _ in range(calls):
             f(q, k, v, is_causal=s["causal"])
-            ms = (time.perf_counter() - t0) * 1e3
-        if r > 0:  # the first call warms up
-            times.append(ms)
-    return statistics.median(times)
+        return (time.perf_counter() - t0) * 1e3
+
+    # As `attend bench` times a GPU: calls for WARM_UP_MS first (clocks rise under
+    # load), then samples of as many calls as fill about SAMPLE_MS.
+    warm_up_ms, warm_up_calls = 0.0, 0
+    while warm_up_ms < WARM_UP_MS:
+        warm_up_ms += elapsed_ms(1)
+        warm_up_calls += 1
+    batch = max(1, min(1000, int(SAMPLE_MS / max(warm_up_ms / warm_up_calls, 1e-3))))
+    return statistics.median(elapsed_ms(batch) / batch for _ in range(repeats(s)))
 
 
 def fp32_peak_tflops():

@@ -12,6 +12,7 @@
 // cut into chunks whose states are merged by the same rule (a GPU runs the chunks
 // in parallel). Scores are kept in log2 units (q is scaled once by
 // scale * log2(e)) so the softmax uses 2^x.
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <vector>
@@ -195,7 +196,13 @@ private:
         Expr H = q.dim(2).extent(), HK = k.dim(2).extent();
         Expr D = generic() ? q.dim(0).extent() : Expr(int(head_dim));
         Expr kv_head = hq / (H / HK);  // grouped- and multi-query: no copy of k, v
-        Expr row = io * TQ + ii;       // the query row of tile io, lane ii
+        // Tiles are numbered from the last: slot io holds tile T - 1 - io, so a loop
+        // over slots (the GPU's thread blocks, launched in index order) starts with
+        // the tiles that have the most causal keys and ends with the shortest,
+        // instead of ending with a long tile running alone.
+        Expr tiles = (N + TQ - 1) / TQ;
+        Expr tile_of_slot = tiles - 1 - io;
+        Expr row = tile_of_slot * TQ + ii;  // the query row of slot io, lane ii
         Expr key = kb * BK + jj;
         Expr key_in = min(key, M - 1);  // loads stay in bounds on a partial last block
 
@@ -244,8 +251,8 @@ private:
         // predicate into the loop bound (a condition on loaded data would be
         // relaxed to "every block").
         Expr num_blocks = (M + BK - 1) / BK;
-        Expr below_diagonal = clamp((io * TQ + TQ - 1 + causal_offset) / BK + 1, 0, num_blocks);
-        Expr skip = causal && io * TQ >= all_keys_rows;
+        Expr below_diagonal = clamp((tile_of_slot * TQ + TQ - 1 + causal_offset) / BK + 1, 0, num_blocks);
+        Expr skip = causal && tile_of_slot * TQ >= all_keys_rows;
         // Chunk `split` of the key blocks: blocks is the position inside it.
         Expr chunk = (num_blocks + key_splits - 1) / key_splits;
         blocks = RDom(0, chunk, "blocks");
@@ -268,7 +275,7 @@ private:
         Expr lb = block_sum(ii, block, io, hq, bb);
         splits = RDom(0, key_splits, "splits");
 
-        Expr in_tile = i % TQ, tile = i / TQ;
+        Expr in_tile = i % TQ, slot = tiles - 1 - i / TQ;
         if (generic()) {
             // One (max, sum, out) state per output column and row.
             state(c, ii, split, io, hq, bb) = Tuple(-FLT_MAX, 0.0f, 0.0f);
@@ -278,10 +285,10 @@ private:
             auto part = [&](int element) { return partial(element, c, ii, splits, io, hq, bb); };
             merged(c, ii, io, hq, bb) = Tuple(-FLT_MAX, 0.0f, 0.0f);
             merged(c, ii, io, hq, bb) = merge(merged(c, ii, io, hq, bb), part(0), part(1), {part(2)});
-            Tuple st = merged(c, in_tile, tile, hq, bb);
+            Tuple st = merged(c, in_tile, slot, hq, bb);
             Tuple row_st = merged(0, ii, io, hq, bb);  // every column has the row's max and sum
             row_lse(ii, io, hq, bb) = log_sum_exp(row_st[0], row_st[1]);
-            out(c, i, hq, bb) = Tuple(narrow(st[2] / st[1] * keep_scale, element_type, storage_type()), row_lse(in_tile, tile, hq, bb));
+            out(c, i, hq, bb) = Tuple(narrow(st[2] / st[1] * keep_scale, element_type, storage_type()), row_lse(in_tile, slot, hq, bb));
         } else {
             // One state per row: (max, sum, out_0 .. out_{dv-1}).
             const int DV = head_dim;
@@ -300,12 +307,12 @@ private:
             for (int column = 0; column < DV; column++) part_outs.push_back(part(2 + column));
             merged(ii, io, hq, bb) = Tuple(init);
             merged(ii, io, hq, bb) = merge(merged(ii, io, hq, bb), part(0), part(1), part_outs);
-            Tuple st = merged(in_tile, tile, hq, bb);
+            Tuple st = merged(in_tile, slot, hq, bb);
             std::vector<Expr> columns(st.as_vector().begin() + 2, st.as_vector().end());
             Tuple row_st = merged(ii, io, hq, bb);
             row_lse(ii, io, hq, bb) = log_sum_exp(row_st[0], row_st[1]);
             Expr attention = mux(c, columns) / st[1] * keep_scale;
-            out(c, i, hq, bb) = Tuple(narrow(attention, element_type, storage_type()), row_lse(in_tile, tile, hq, bb));
+            out(c, i, hq, bb) = Tuple(narrow(attention, element_type, storage_type()), row_lse(in_tile, slot, hq, bb));
         }
 
         // Strides: k and v must be dense in their head dim (the hot loops read them);
@@ -452,15 +459,21 @@ private:
                 stage.gpu_threads(ii);
             }
         };
-        // Staging a block: the fused loop over its elements is spread over the TQ threads.
-        auto stage_block = [&](Func f, Var inner, Var outer) {
-            Var t("t"), to("to"), ti("ti");
+        // Staging a block: the head dim of each key is spread over the TQ threads
+        // (consecutive threads read consecutive elements: coalesced), the rest of
+        // it and the keys unrolled, 8 keys at a time, so each key's address is
+        // computed once, every load of it is that address plus a constant, and the
+        // loads of 8 keys are in flight together (more would cost registers).
+        auto stage_block = [&](Func f) {
+            Var c_outer("c_outer"), c_thread("c_thread"), jj_outer("jj_outer"), jj_inner("jj_inner");
             f.compute_at(state, blocks)
                 .store_in(MemoryType::GPUShared)
-                .reorder(inner, outer)
-                .fuse(inner, outer, t)
-                .split(t, to, ti, TQ, TailStrategy::GuardWithIf)
-                .gpu_threads(ti);
+                .split(c, c_outer, c_thread, TQ, TailStrategy::GuardWithIf)
+                .split(jj, jj_outer, jj_inner, std::min(BK, 8))
+                .reorder(c_outer, jj_inner, jj_outer, c_thread)  // one thread loop: one barrier after it
+                .gpu_threads(c_thread)
+                .unroll(c_outer)
+                .unroll(jj_inner);
         };
 
         // Kernel 1: one thread block per (chunk of keys, tile of query rows, head,
@@ -470,10 +483,10 @@ private:
             .bound(e, 0, D + 2)
             .bound(ii, 0, TQ)
             .reorder_storage(ii, e, split, io, hq, bb)  // coalesced: the rows of a tile side by side
-            .reorder(e, ii, split, io, hq, bb)
+            .reorder(e, ii, split, hq, bb, io)  // slots outermost: every head's longest tiles first
             .unroll(e)
             .fuse(hq, bb, hb)
-            .gpu_blocks(split, io, hb);
+            .gpu_blocks(split, hb, io);
         rows_on_threads(partial);
 
         // q of the tile: in shared memory transposed (rows innermost: no bank
@@ -507,9 +520,8 @@ private:
         row_lse.compute_at(out, io).store_in(per_row).bound_storage(io, 1);
         rows_on_threads(row_lse);
 
-        // Global reads coalesced: consecutive threads read consecutive elements of a key.
-        stage_block(k_block, c, jj);
-        stage_block(v_block, c, jj);
+        stage_block(k_block);
+        stage_block(v_block);
 
         // One row's partials of one block, in registers.
         for (Func f : {masked_score, weight}) {
