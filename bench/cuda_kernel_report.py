@@ -9,7 +9,10 @@ units of 256; at most 32 blocks of one warp). Shared memory can allow fewer:
 Halide sizes it at launch, so ptxas does not see it (README, GPU section). With cuobjdump (CUDA's, or the
 nvidia-cuda-cuobjdump wheel's) the SASS is read too: per kernel, the loops
 (backward branches) and their instructions, FFMA and shared loads counted;
-the key-block loop is the one with a barrier in it. A static count, not a
+the key-block loop is the one with a barrier in it, and its instructions per
+key block count the loop inside it (the scores' loop over the head dim) as
+often as it runs (d / gpu_unroll, from the build's ATTEND_CUDA_VARIANTS). A
+static count, not a
 timing: it says where instructions and registers went, a GPU run says what
 they cost.
 
@@ -59,6 +62,28 @@ def dropout_entries(ptx):
     return {k for k, v in partial.items() if v == max(partial.values())}
 
 
+def variant_params(build):
+    """{variant name: {param: value}} from the build's ATTEND_CUDA_VARIANTS."""
+    cache = Path(build) / "CMakeCache.txt"
+    text = cache.read_text() if cache.exists() else ""
+    m = re.search(r"^ATTEND_CUDA_VARIANTS:STRING=(.*)$", text, re.M)
+    variants = {}
+    for variant in (m.group(1).split(";") if m else []):
+        name, _, params = variant.partition("=")
+        variants[name.split("@")[0]] = dict(p.split("=", 1) for p in params.split(",") if "=" in p)
+    return variants
+
+
+def head_dim_loop_trips(obj_name, variants):
+    """How often the scores' loop over the head dim runs per key block: d /
+    gpu_unroll (no loop when q is in registers); None if the variant is unknown."""
+    m = re.match(r"attend_cuda_d(\d+)_(\w+?)(_f16|_bf16)?$", obj_name)
+    params = variants.get(m.group(2)) if m else None
+    if params is None or params.get("gpu_q_registers") == "true":
+        return None
+    return int(m.group(1)) // int(params.get("gpu_unroll", "1"))
+
+
 def tool(name):
     found = shutil.which(name) or shutil.which(name, path="/usr/local/cuda/bin")
     if not found:  # the nvidia-cuda-* wheels keep their tools under nvidia/cu*/bin
@@ -105,6 +130,7 @@ def main():
     if not objects:
         print(f"no CUDA kernel objects under {a.build}/generators (configure with ATTEND_CUDA=ON)", file=sys.stderr)
         return 2
+    variants = variant_params(a.build)
     with tempfile.TemporaryDirectory() as tmp:
         for obj in objects:
             ptx = embedded_ptx(obj)
@@ -138,11 +164,19 @@ def main():
                     print(f"  {label(entry):57s} {registers:3d} registers, {spills}, {warps_per_sm(registers):2d} warps/SM")
             if cuobjdump:
                 sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True).stdout
+                trips = head_dim_loop_trips(obj.stem, variants)
                 for name, (size, loops) in sass_loops(sass).items():
                     print(f"  {label(name)}: {size} instructions")
                     for start, end, ops in loops:
                         body = sum(ops.values())
-                        mark = "  key-block loop" if ops["BAR"] else ""
+                        mark = ""
+                        if ops["BAR"]:  # the key-block loop; a loop inside it is the scores' loop over d
+                            inner = [sum(o.values()) for s_, e_, o in loops if start < s_ and e_ < end]
+                            mark = "  key-block loop"
+                            if len(inner) == 1 and trips:
+                                mark += f": {body + inner[0] * (trips - 1)} per key block (inner loop x {trips})"
+                            elif not inner:
+                                mark += f": {body} per key block"
                         print(f"    loop {start:#07x}-{end:#07x}: {body:5d} instructions, FFMA {ops['FFMA']} "
                               f"({ops['FFMA'] / body:.0%}), LDS {ops['LDS']}, LDG {ops['LDG']}, BAR {ops['BAR']}{mark}")
     return 0

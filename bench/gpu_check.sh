@@ -4,8 +4,8 @@
 #      Halide device buffers, the caller's context and stream, device out of
 #      memory), then the kernel-fault test in a process of its own
 #   2. bench/compare_gpu.py: every CUDA variant against PyTorch SDPA fp32
-#   3. compute-sanitizer racecheck on one small shape with a lanes and a threads
-#      variant, memcheck with the default one
+#   3. compute-sanitizer racecheck on one small shape with the default and three
+#      other variants, memcheck with the default ones for d=64 and d=128
 #   4. the memory bound: b=1, h=4, n=m=131072, d=64, causal; its scores alone would
 #      take 256 GiB, more than any GPU has
 #   5. where the time goes: one call's cost at a trivial size, and Nsight Compute's
@@ -66,12 +66,14 @@ check compare python3 "$ROOT/bench/compare_gpu.py" --build "$BUILD" --device "$D
 sed -n "/best variant per shape/,\$p" "$OUT/compare.log" | tee -a "$OUT/summary.txt"
 
 if [ "$DEVICE" = cuda ]; then
-    step "3. compute-sanitizer (small shape, d=64, causal)"
+    step "3. compute-sanitizer (small shape, causal)"
     SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
-    for run in racecheck:attend_cuda_d64_lanes racecheck:attend_cuda_d64_threads racecheck:attend_cuda_d64_lanes_k8_qreg memcheck:attend_cuda_d64_lanes; do
+    for run in racecheck:attend_cuda_d64_lanes_k8 racecheck:attend_cuda_d64_lanes racecheck:attend_cuda_d64_threads \
+        racecheck:attend_cuda_d64_lanes_k8_qreg memcheck:attend_cuda_d64_lanes_k8 memcheck:attend_cuda_d128_lanes_k8; do
         tool="${run%%:*}" kernel="${run#*:}"
+        dim="${kernel#attend_cuda_d}" && dim="${dim%%_*}"
         check "${tool}_$kernel" "$SANITIZER" --tool "$tool" --error-exitcode 3 \
-            "$ATTEND" bench --device cuda --kernel "$kernel" --b 1 --h 2 --n 70 --m 100 --d 64 --causal --repeats 1
+            "$ATTEND" bench --device cuda --kernel "$kernel" --b 1 --h 2 --n 70 --m 100 --d "$dim" --causal --repeats 1
         grep -E "ERROR SUMMARY|RACECHECK SUMMARY|hazard" "$OUT/${tool}_$kernel.log" | head -3 | tee -a "$OUT/summary.txt"
     done
 
