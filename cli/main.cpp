@@ -110,7 +110,7 @@ std::vector<double> time_calls(F &&call, int repeats) {
 // the kernels, as in an application that does not wait after every call).
 constexpr double kGpuWarmUpMs = 200, kGpuSampleMs = 20;
 template <class Call, class Wait>
-std::vector<double> time_gpu_calls(Call &&call, Wait &&wait, int repeats) {
+std::vector<double> time_gpu_calls(Call &&call, Wait &&wait, int repeats, int &calls_per_sample) {
     using Clock = std::chrono::steady_clock;
     auto ms_since = [](Clock::time_point start) {
         return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
@@ -124,6 +124,7 @@ std::vector<double> time_gpu_calls(Call &&call, Wait &&wait, int repeats) {
     } while (ms_since(warm_up) < kGpuWarmUpMs);
     const double per_call = ms_since(warm_up) / warm_up_calls;
     const int batch = int(std::clamp(kGpuSampleMs / std::max(per_call, 1e-3), 1.0, 1000.0));
+    calls_per_sample = batch;
     std::vector<double> ms;
     for (int r = 0; r < repeats; r++) {
         const auto start = Clock::now();
@@ -326,7 +327,8 @@ int bench_command(const BenchArgs &a) {
     options.device = device;
     options.key_splits = a.key_splits;
     std::vector<double> ms;
-    double extra_mib = -1;  // host memory the calls add (CPU)
+    double extra_mib = -1;     // host memory the calls add (CPU)
+    int calls_per_sample = 1;  // a GPU's samples are batches of calls
     if (device == Device::CPU) {
         const DLDataType type = dlpack_type(dtype);
         DLTensor dq = dense_dl(q.data(), q_shape, type), dk = dense_dl(k.data(), k_shape, type),
@@ -351,7 +353,7 @@ int bench_command(const BenchArgs &a) {
                     throw Error("attend bench: waiting for the kernel failed (Halide error " + std::to_string(status) + ")");
                 }
             },
-            a.repeats);
+            a.repeats, calls_per_sample);
     }
     double best = *std::min_element(ms.begin(), ms.end()), med = median(ms);
     double flops = flop_count(a.b, a.h, a.n, a.m, a.d, dv, a.causal);
@@ -363,6 +365,7 @@ int bench_command(const BenchArgs &a) {
                 (long long)a.d, (long long)dv, a.causal ? " causal" : "", a.mask ? " mask" : "", best, med,
                 flops / best / 1e6);
     if (extra_mib >= 0) std::printf(", %.1f MiB of memory added", extra_mib);
+    if (device != Device::CPU) std::printf(", samples of %d calls", calls_per_sample);
     std::printf("\n");
     if (a.json) {
         nlohmann::json j{{"kernel", kernel}, {"device", a.device}, {"dtype", a.dtype}, {"isa", a.isa}, {"b", a.b}, {"h", a.h},
@@ -371,6 +374,7 @@ int bench_command(const BenchArgs &a) {
                          {"gflops", flops / best / 1e6}, {"median_gflops", flops / med / 1e6},
                          {"repeats", a.repeats}};
         if (extra_mib >= 0) j["extra_memory_mib"] = extra_mib;
+        if (device != Device::CPU) j["calls_per_sample"] = calls_per_sample;
         std::cout << j.dump() << std::endl;
     }
     return 0;

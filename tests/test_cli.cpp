@@ -273,3 +273,23 @@ TEST_CASE("attend bench --json: the last line is a JSON object with ms and gflop
     CHECK(j["extra_memory_mib"].get<double>() < 64);
     CHECK(ws.attend("bench --n 0").status == 2);
 }
+
+TEST_CASE("attend bench --device opencl --json: samples are batches of calls, said in the JSON") {
+    Workspace ws;
+    auto r = ws.attend("bench --device opencl --b 1 --h 2 --n 64 --m 80 --d 32 --repeats 2 --json");
+    INFO("stderr: " << r.err);
+    if (r.status != 0) {  // no OpenCL device here: a runtime failure naming it
+        CHECK(r.status == 1);
+        CHECK(r.err.find("OpenCL") != std::string::npos);
+        return;
+    }
+    auto last = r.out.substr(r.out.rfind('\n', r.out.size() - 2) + 1);
+    auto j = nlohmann::json::parse(last);
+    CHECK(j["kernel"].get<std::string>().rfind("attend_opencl_d32", 0) == 0);
+    CHECK(j["repeats"] == 2);
+    CHECK(j["ms"].get<double>() > 0);
+    REQUIRE(j.contains("calls_per_sample"));
+    CHECK(j["calls_per_sample"].get<int>() >= 1);
+    CHECK(j["calls_per_sample"].get<int>() <= 1000);
+    CHECK_FALSE(j.contains("extra_memory_mib"));  // host memory is a CPU figure
+}
