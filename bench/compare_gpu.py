@@ -102,8 +102,11 @@ def torch_sdpa(s, on_gpu, dtype="float32"):
             f(q, k, v, is_causal=s["causal"])
         return (time.perf_counter() - t0) * 1e3
 
-    # As `attend bench` times a GPU: calls for WARM_UP_MS first (clocks rise under
-    # load), then samples of as many calls as fill about SAMPLE_MS.
+    # As `attend bench` times a GPU: a first call, calls for WARM_UP_MS (clocks rise
+    # under load), then samples of as many calls as fill about SAMPLE_MS. (SDPA's
+    # samples are timed by CUDA events, attend's by the host clock around the batch
+    # and its wait: at 20 ms per sample the difference is a launch, microseconds.)
+    elapsed_ms(1)  # the first call sets up (not a warm-up sample)
     warm_up_ms, warm_up_calls = 0.0, 0
     while warm_up_ms < WARM_UP_MS:
         warm_up_ms += elapsed_ms(1)

@@ -4,8 +4,9 @@
 #      Halide device buffers, the caller's context and stream, device out of
 #      memory), then the kernel-fault test in a process of its own
 #   2. bench/compare_gpu.py: every CUDA variant against PyTorch SDPA fp32
-#   3. compute-sanitizer racecheck on one small shape with the default and three
-#      other variants, memcheck with the default ones for d=64 and d=128
+#   3. compute-sanitizer on one small shape: racecheck with the d=64 variants and
+#      d=80's default (its head dim leaves some staging threads idle), memcheck
+#      with the defaults for d=64, 80 and 128
 #   4. the memory bound: b=1, h=4, n=m=131072, d=64, causal; its scores alone would
 #      take 256 GiB, more than any GPU has
 #   5. where the time goes: one call's cost at a trivial size, and Nsight Compute's
@@ -68,8 +69,9 @@ sed -n "/best variant per shape/,\$p" "$OUT/compare.log" | tee -a "$OUT/summary.
 if [ "$DEVICE" = cuda ]; then
     step "3. compute-sanitizer (small shape, causal)"
     SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
-    for run in racecheck:attend_cuda_d64_lanes_k8 racecheck:attend_cuda_d64_lanes racecheck:attend_cuda_d64_threads \
-        racecheck:attend_cuda_d64_lanes_k8_qreg memcheck:attend_cuda_d64_lanes_k8 memcheck:attend_cuda_d128_lanes_k8; do
+    for run in racecheck:attend_cuda_d64_lanes_k8 racecheck:attend_cuda_d64_lanes_k8_u16 racecheck:attend_cuda_d64_lanes \
+        racecheck:attend_cuda_d64_threads racecheck:attend_cuda_d64_lanes_k8_qreg racecheck:attend_cuda_d80_lanes_k8 \
+        memcheck:attend_cuda_d64_lanes_k8 memcheck:attend_cuda_d80_lanes_k8 memcheck:attend_cuda_d128_lanes_k8; do
         tool="${run%%:*}" kernel="${run#*:}"
         dim="${kernel#attend_cuda_d}" && dim="${dim%%_*}"
         check "${tool}_$kernel" "$SANITIZER" --tool "$tool" --error-exitcode 3 \

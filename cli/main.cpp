@@ -105,7 +105,7 @@ std::vector<double> time_calls(F &&call, int repeats) {
 }
 
 // A GPU's milliseconds per call, `repeats` samples. GPUs raise their clocks under
-// load, so calls run for kGpuWarmUp first; a sample is then a batch of calls with
+// load, so after a first call calls run for kGpuWarmUp; a sample is then a batch of calls with
 // one wait at its end, enough calls for about kGpuSample (launch latency overlaps
 // the kernels, as in an application that does not wait after every call).
 constexpr double kGpuWarmUpMs = 200, kGpuSampleMs = 20;
@@ -115,6 +115,8 @@ std::vector<double> time_gpu_calls(Call &&call, Wait &&wait, int repeats, int &c
     auto ms_since = [](Clock::time_point start) {
         return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
     };
+    call();  // the first call also loads the kernels (the driver compiles their PTX)
+    wait();
     const auto warm_up = Clock::now();
     int warm_up_calls = 0;
     do {

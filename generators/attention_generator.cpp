@@ -463,7 +463,10 @@ private:
         // (consecutive threads read consecutive elements: coalesced), the rest of
         // it and the keys unrolled, 8 keys at a time, so each key's address is
         // computed once, every load of it is that address plus a constant, and the
-        // loads of 8 keys are in flight together (more would cost registers).
+        // loads of 8 keys are in flight together (more would cost registers). k's
+        // stores (transposed) become 128-bit stores of 4 keys, a 2-way bank conflict;
+        // one key per thread and whole rows per store avoids it but costs more
+        // stores, and at d=128 63 more registers (ptxas, sm_90).
         auto stage_block = [&](Func f) {
             Var c_outer("c_outer"), c_thread("c_thread"), jj_outer("jj_outer"), jj_inner("jj_inner");
             f.compute_at(state, blocks)
