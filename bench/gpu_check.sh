@@ -9,7 +9,8 @@
 #      with the defaults for d=64, 80 and 128
 #   4. the memory bound: b=1, h=4, n=m=131072, d=64, causal; its scores alone would
 #      take 256 GiB, more than any GPU has
-#   5. where the time goes: one call's cost at a trivial size, and Nsight Compute's
+#   5. where the time goes: the cost per call at a trivial size (calls batched as
+#      attend bench does, so launches overlap), and Nsight Compute's
 #      speed-of-light, occupancy, scheduler and warp-stall sections for the default d=64
 #      kernels at n=m=1024 and 16384 (their kernel time against attend bench's)
 #

@@ -104,10 +104,11 @@ std::vector<double> time_calls(F &&call, int repeats) {
     return ms;
 }
 
-// A GPU's milliseconds per call, `repeats` samples. GPUs raise their clocks under
-// load, so after a first call calls run for kGpuWarmUp; a sample is then a batch of calls with
-// one wait at its end, enough calls for about kGpuSample (launch latency overlaps
-// the kernels, as in an application that does not wait after every call).
+// A GPU's milliseconds per call, `repeats` samples. After a first call (which
+// loads the kernels), calls run for kGpuWarmUpMs, as GPUs raise their clocks under
+// load; each sample is then a batch of calls filling about kGpuSampleMs with one
+// wait at its end (launches overlap the kernels, as in an application that does
+// not wait after every call).
 constexpr double kGpuWarmUpMs = 200, kGpuSampleMs = 20;
 template <class Call, class Wait>
 std::vector<double> time_gpu_calls(Call &&call, Wait &&wait, int repeats, int &calls_per_sample) {
