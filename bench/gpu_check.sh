@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
-# Every check that needs an NVIDIA GPU, in one pass (GPU time is scarce: run it once):
+# Every check that needs an NVIDIA GPU, in one pass (GPU time is scarce: run it once),
+# the correctness checks first, so that a run cut short loses figures, not them:
 #   1. the CUDA tests (tests/test_gpu.cpp --device=cuda: oracle, CPU dropout masks,
 #      Halide device buffers, the caller's context and stream, device out of
 #      memory), then the kernel-fault test in a process of its own
-#   2. bench/compare_gpu.py: every CUDA variant against PyTorch SDPA fp32
-#   3. compute-sanitizer on one small shape: racecheck with the d=64 variants and
+#   2. compute-sanitizer on one small shape: racecheck with the d=64 variants and
 #      d=80's default (its head dim leaves some staging threads idle), memcheck
 #      with the defaults for d=64, 80 and 128
-#   4. the memory bound: b=1, h=4, n=m=131072, d=64, causal; its scores alone would
+#   3. the memory bound: b=1, h=4, n=m=131072, d=64, causal; its scores alone would
 #      take 256 GiB, more than any GPU has
+#   4. bench/compare_gpu.py: every CUDA variant against PyTorch SDPA fp32, then the
+#      16-bit kernels; it starts no measurement after COMPARE_TIME_LIMIT_S seconds
+#      (default 240, so that the whole script fits one GPU session) and lists what
+#      it left out
 #   5. where the time goes: the cost per call at a trivial size (calls batched as
 #      attend bench does, so launches overlap), and Nsight Compute's
-#      speed-of-light, occupancy, scheduler and warp-stall sections for the default d=64
-#      kernels at n=m=1024 and 16384 (their kernel time against attend bench's)
+#      speed-of-light, occupancy, scheduler and warp-stall sections for the default
+#      kernels at d=64, n=m=1024 and 16384, and d=128, n=m=4096 (their kernel time
+#      against attend bench's)
 #
 #   bench/gpu_check.sh [BUILD]        logs under $OUT (default bench/results/gpu)
 #
 # BUILD (default build/) is a build made by ./build.sh, here or on another x86-64
 # machine (the kernels do not need libHalide at run time, so a build folder can be
-# copied to a GPU machine that has no Halide). Dry run without a GPU:
+# copied to a GPU machine that has no Halide). Dry runs without a GPU:
 #   ATTEND_GPU_DEVICE=opencl bench/gpu_check.sh    (OpenCL on PoCL, small shapes)
+#   ATTEND_FAKE_CUDA=launch=noop LD_LIBRARY_PATH=build/tests/fake_cuda bench/gpu_check.sh
+#       (the CUDA flow, every shape and variant, against the fake driver: its
+#       launches do nothing, so the tests fail and the timings are host work only;
+#       compute-sanitizer and ncu must be on PATH)
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -59,16 +68,8 @@ if [ "$DEVICE" = cuda ]; then
     # A kernel fault breaks the process's CUDA context: its test runs alone.
     check fault "$TESTS" --device=cuda --no-skip --test-case="CUDA: a kernel fault*" --success
     grep -E "faulting call|unusable|test cases:" "$OUT/fault.log" | head -4 | tee -a "$OUT/summary.txt"
-fi
 
-step "2. every $DEVICE variant against PyTorch SDPA"
-quick=""
-[ "$DEVICE" = cuda ] || quick="--quick"
-check compare python3 "$ROOT/bench/compare_gpu.py" --build "$BUILD" --device "$DEVICE" --out "$OUT" $quick
-sed -n "/best variant per shape/,\$p" "$OUT/compare.log" | tee -a "$OUT/summary.txt"
-
-if [ "$DEVICE" = cuda ]; then
-    step "3. compute-sanitizer (small shape, causal)"
+    step "2. compute-sanitizer (small shape, causal)"
     SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
     for run in racecheck:attend_cuda_d64_lanes_k8 racecheck:attend_cuda_d64_lanes_k8_u16 racecheck:attend_cuda_d64_lanes \
         racecheck:attend_cuda_d64_threads racecheck:attend_cuda_d64_lanes_k8_qreg racecheck:attend_cuda_d80_lanes_k8 \
@@ -80,21 +81,32 @@ if [ "$DEVICE" = cuda ]; then
         grep -E "ERROR SUMMARY|RACECHECK SUMMARY|hazard" "$OUT/${tool}_$kernel.log" | head -3 | tee -a "$OUT/summary.txt"
     done
 
-    step "4. memory bound: n=m=131072 (scores would need 256 GiB)"
+    step "3. memory bound: n=m=131072 (scores would need 256 GiB)"
     check memory_bound "$ATTEND" bench --device cuda --b 1 --h 4 --n 131072 --m 131072 --d 64 --causal --repeats 1 --json
     tail -n 2 "$OUT/memory_bound.log" | tee -a "$OUT/summary.txt"
+fi
 
-    step "5. where the time goes (d=64, default variant)"
+step "4. every $DEVICE variant against PyTorch SDPA"
+quick=""
+[ "$DEVICE" = cuda ] || quick="--quick"
+check compare python3 "$ROOT/bench/compare_gpu.py" --build "$BUILD" --device "$DEVICE" --out "$OUT" $quick \
+    --time-limit "${COMPARE_TIME_LIMIT_S:-240}"
+sed -n "/best variant per shape/,\$p" "$OUT/compare.log" | tee -a "$OUT/summary.txt"
+
+if [ "$DEVICE" = cuda ]; then
+    step "5. where the time goes (default variants)"
     check overhead "$ATTEND" bench --device cuda --b 1 --h 1 --n 32 --m 32 --d 64 --repeats 50
     tail -n 1 "$OUT/overhead.log" | tee -a "$OUT/summary.txt"
     NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)"
-    for n in 1024 16384; do
-        # The timed call's two kernels (the warm-up call's are skipped).
-        check "profile_$n" "$NCU" --clock-control none --launch-skip 2 --launch-count 2 \
+    for shape in d64_n1024 d64_n16384 d128_n4096; do  # d=128: the furthest from SDPA in the last run
+        dim="${shape%%_*}" && dim="${dim#d}" && n="${shape##*_n}"
+        # The two kernels of the first warm-up call (the first call's, which load
+        # the module, are skipped).
+        check "profile_$shape" "$NCU" --clock-control none --launch-skip 2 --launch-count 2 \
             --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats --section WarpStateStats \
-            "$ATTEND" bench --device cuda --b 2 --h 8 --n $n --m $n --d 64 --repeats 1
+            "$ATTEND" bench --device cuda --b 2 --h 8 --n "$n" --m "$n" --d "$dim" --repeats 1
         grep -E "^  _kernel|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Compute \(SM\) Throughput|Issue Slots|Waves Per SM" \
-            "$OUT/profile_$n.log" | tee -a "$OUT/summary.txt"
+            "$OUT/profile_$shape.log" | tee -a "$OUT/summary.txt"
     done
 fi
 

@@ -1,5 +1,7 @@
 // Test support: tensors that own their memory and lend DLTensor views, random
 // inputs, and the comparison with the double-precision oracle.
+// (doctest 2.4 prints a const char * given to INFO or MESSAGE as its address:
+// pass a std::string.)
 #pragma once
 
 #include <algorithm>

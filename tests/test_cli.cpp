@@ -131,7 +131,7 @@ TEST_CASE("attend run: --dtype float16 and bfloat16 equal the library call on ro
     for (DType dtype : {DType::Float16, DType::BFloat16}) {
         CliProblem c;
         auto r = c.ws.attend("run " + c.files + " --dtype " + to_string(dtype));
-        INFO(to_string(dtype) << ": " << r.err);
+        INFO(std::string(to_string(dtype)) << ": " << r.err);
         REQUIRE(r.status == 0);
         auto out = npy::read(c.ws.path("out.npy"));
         // numpy has float16 but no bfloat16: a bfloat16 out comes as float32, exactly.
@@ -211,7 +211,7 @@ TEST_CASE("attend run --device opencl|cuda: the same result as cpu, or exit 1 na
     REQUIRE(c.ws.attend("run " + c.files + " --causal").status == 0);
     auto on_cpu = npy::read(c.ws.path("out.npy"));
     for (const char *device : {"opencl", "cuda"}) {
-        INFO(device);
+        INFO(std::string(device));
         std::ofstream(c.ws.path("out.npy")) << "sentinel";
         auto r = c.ws.attend("run " + c.files + " --causal --device " + device);
         INFO("stderr: " << r.err);
@@ -247,7 +247,7 @@ TEST_CASE("attend run --device cuda when the driver reports a fault: exit 1 nami
         {"fault=launch", "unusable after a kernel fault"},
     };
     for (const Fault &fault : faults) {
-        INFO(fault.settings);
+        INFO(std::string(fault.settings));
         auto r = c.ws.attend("run " + c.files + " --device cuda", driver + fault.settings);
         INFO("stderr: " << r.err);
         CHECK(r.status == 1);

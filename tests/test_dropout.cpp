@@ -46,7 +46,7 @@ TEST_CASE("dropout matches the oracle, which draws the same mask, on every kerne
             for (const auto &k : available_kernels()) {
                 if (k.device != Device::CPU || k.dtype != DType::Float32 || (k.head_dim != 0 && k.head_dim != d)) continue;
                 for (CpuIsa isa : supported_cpu_isas()) {
-                    INFO(k.name << "/" << to_string(isa) << " d=" << d << " causal=" << causal);
+                    INFO(k.name << "/" << std::string(to_string(isa)) << " d=" << d << " causal=" << causal);
                     auto p = make_problem(spec, options);
                     p.options.kernel = k.name;
                     p.options.cpu_isa = isa;

@@ -50,7 +50,7 @@ TEST_CASE("outputs of the original module (golden files)") {
             if (k.device != Device::CPU || k.dtype != DType::Float32) continue;  // GPU: tests/test_gpu.cpp
             if (k.head_dim != 0 && !(k.head_dim == p.shape.d && k.head_dim == p.shape.dv)) continue;
             for (CpuIsa isa : supported_cpu_isas()) {
-                INFO(k.name << "/" << to_string(isa));
+                INFO(k.name << "/" << std::string(to_string(isa)));
                 p.out = nan_tensor(golden.shape);
                 p.options.kernel = k.name;
                 p.options.cpu_isa = isa;

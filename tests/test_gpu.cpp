@@ -194,7 +194,7 @@ TEST_CASE("float16 and bfloat16: against the reference and the float32 kernel") 
         for (const auto &call : {std::pair{plain, Options{}}, {masked, causal}, {padded, Options{}}}) {
             const ProblemSpec &spec = call.first;
             const Options &options = call.second;  // (INFO captures them: no structured binding before C++20)
-            INFO(to_string(dtype) << " " << describe(spec, options));
+            INFO(std::string(to_string(dtype)) << " " << describe(spec, options));
             auto p = make_problem(spec, options);
             round_inputs(p, dtype);
             auto expected = p.expected();
@@ -247,7 +247,7 @@ struct CallerCuda {
     template <class F>
     F get(const char *name) {
         void *symbol = library ? dlsym(library, name) : nullptr;
-        REQUIRE_MESSAGE(symbol, "libcuda has no " << name);
+        REQUIRE_MESSAGE(symbol, "libcuda has no " << std::string(name));
         return reinterpret_cast<F>(symbol);
     }
 
@@ -382,7 +382,7 @@ TEST_CASE("CUDA: a kernel fault: reported, the context refused afterwards, the C
         forward(q_nowhere, k, v, nullptr, out, options);
     } catch (const attend::Error &e) {
         reported = true;
-        MESSAGE("the faulting call: " << e.what());
+        MESSAGE("the faulting call: " << std::string(e.what()));
     }
     const int synchronised = cuCtxSynchronize();
     CHECK((reported || synchronised != 0));

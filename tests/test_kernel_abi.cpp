@@ -41,7 +41,7 @@ TEST_CASE("an added kernel runs when Options::kernel names it, and matches the r
         auto p = make_problem(spec, options);
         auto expected = p.expected();
         p.options.kernel = name;
-        INFO(name);
+        INFO(std::string(name));
         check_against_reference(p, expected);
     }
 }

@@ -20,7 +20,7 @@ void check_cpu_kernels(DType dtype, const ProblemSpec &spec, Options options = {
         if (kernel.device != Device::CPU || kernel.dtype != dtype) continue;
         if (kernel.head_dim != 0 && !(kernel.head_dim == spec.d && kernel.head_dim == spec.dv)) continue;
         for (CpuIsa isa : supported_cpu_isas()) {
-            INFO(kernel.name << "/" << to_string(isa) << " n=" << spec.n << " m=" << spec.m << " d=" << spec.d
+            INFO(kernel.name << "/" << std::string(to_string(isa)) << " n=" << spec.n << " m=" << spec.m << " d=" << spec.d
                              << " mask=" << spec.mask << " causal=" << options.causal);
             LowPrecisionRun run(p, dtype);
             run.options.kernel = kernel.name;
@@ -60,7 +60,7 @@ TEST_CASE("half.hpp rounds to nearest even and converts back exactly") {
 
 TEST_CASE("float16 and bfloat16 CPU kernels match the reference and the float32 kernel") {
     for (DType dtype : {DType::Float16, DType::BFloat16}) {
-        INFO(to_string(dtype));
+        INFO(std::string(to_string(dtype)));
         for (int64_t d : {64, 80, 24}) {  // 24: the generic kernel
             check_cpu_kernels(dtype, spec_of(2, 2, 65, 130, d));
         }

@@ -212,7 +212,7 @@ TEST_CASE("merge rejects bad arguments by name and leaves out and lse untouched"
          "out: overlaps the memory of out_a; it may be out_a itself"},
     };
     for (const auto &c : cases) {
-        INFO(c.what);
+        INFO(std::string(c.what));
         CHECK_THROWS_WITH_AS(c.call(), doctest::Contains(c.message), std::invalid_argument);
         for (float x : out.storage) CHECK(std::isnan(x));
         for (float x : lse.storage) CHECK(std::isnan(x));

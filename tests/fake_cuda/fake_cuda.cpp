@@ -72,12 +72,29 @@ struct State {
     AttendFakeCudaStats stats{};
 };
 
+// The driver's state outlives every caller, as a real driver's does: Halide's
+// runtime frees its cached device memory from a destructor at exit, which can
+// run after this library's own destructors. So the state is never destroyed,
+// and the context stack of a thread has no destructor.
 State &state() {
-    static State s;
-    return s;
+    static State *s = new State;
+    return *s;
 }
 
-thread_local std::vector<Context *> current_stack;  // the context stack of this thread
+struct ContextStack {
+    static constexpr int kCapacity = 64;
+    Context *items[kCapacity];
+    int size;
+    bool empty() const { return size == 0; }
+    Context *&back() { return items[size - 1]; }
+    bool push(Context *c) {
+        if (size == kCapacity) return false;
+        items[size++] = c;
+        return true;
+    }
+    void pop() { size--; }
+};
+thread_local ContextStack current_stack{};
 
 // A whole decimal number in [low, high], else false.
 bool parse(const std::string &text, long long low, long long high, long long &value) {
@@ -286,7 +303,7 @@ CUresult cuDevicePrimaryCtxRetain(void **context, CUdevice device) {
 // Halide creates a context of its own only without attend's hooks; this one is the primary.
 CUresult cuCtxCreate_v2(void **context, unsigned, CUdevice device) {
     CUresult r = cuDevicePrimaryCtxRetain(context, device);
-    if (r == kSuccess) current_stack.push_back(static_cast<Context *>(*context));
+    if (r == kSuccess && !current_stack.push(static_cast<Context *>(*context))) return kInvalidValue;
     return r;
 }
 
@@ -307,7 +324,7 @@ CUresult cuCtxGetCurrent(void **context) {
 CUresult cuCtxSetCurrent(void *context) {
     if (!initialised()) return kNotInitialized;
     if (current_stack.empty()) {
-        current_stack.push_back(static_cast<Context *>(context));
+        current_stack.push(static_cast<Context *>(context));
     } else {
         current_stack.back() = static_cast<Context *>(context);
     }
@@ -317,15 +334,14 @@ CUresult cuCtxSetCurrent(void *context) {
 CUresult cuCtxPushCurrent_v2(void *context) {
     if (!initialised()) return kNotInitialized;
     if (!context) return kInvalidContext;
-    current_stack.push_back(static_cast<Context *>(context));
-    return kSuccess;
+    return current_stack.push(static_cast<Context *>(context)) ? kSuccess : kInvalidValue;
 }
 
 CUresult cuCtxPopCurrent_v2(void **context) {
     if (!initialised()) return kNotInitialized;
     if (current_stack.empty()) return kInvalidContext;
     if (context) *context = current_stack.back();
-    current_stack.pop_back();
+    current_stack.pop();
     return kSuccess;
 }
 
