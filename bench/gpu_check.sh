@@ -28,7 +28,8 @@
 #   ATTEND_FAKE_CUDA=launch=noop LD_LIBRARY_PATH=build/tests/fake_cuda bench/gpu_check.sh
 #       (the CUDA flow, every shape and variant, against the fake driver: its
 #       launches do nothing, so the tests fail and the timings are host work only;
-#       compute-sanitizer and ncu must be on PATH)
+#       compute-sanitizer and ncu must be on PATH; tests/test_gpu_check.py runs
+#       it so in CI, with stand-ins for them)
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
