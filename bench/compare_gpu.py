@@ -176,17 +176,16 @@ def main():
         if candidates and s["n"] < 16384 and dtype == "float32":  # (at 16384 the automatic choice is 1 already)
             runs += [(candidates[0], splits) for splits in (1, 8, 16)]
         for kernel, key_splits in runs:
+            label = kernel + (f"/splits={key_splits}" if key_splits else "")
             if out_of_time():
-                not_run.append(f"{name} {kernel}" + (f"/splits={key_splits}" if key_splits else ""))
+                not_run.append(f"{name} {label}")
                 continue
             r = attend_bench(a.build, a.device, kernel, s, key_splits, dtype)
-            if key_splits:
-                kernel += f"/splits={key_splits}"
             if "error" not in r:
                 r["tflops"] = flops(s) / r["median_ms"] / 1e9
-            entry["attend"][kernel] = r
+            entry["attend"][label] = r
             tf = r.get("tflops")
-            line = f"{name:37s} {kernel:32s} " + (f"{tf:8.2f} TFLOP/s" if tf else f"error: {r['error'][:120]}")
+            line = f"{name:37s} {label:32s} " + (f"{tf:8.2f} TFLOP/s" if tf else f"error: {r['error'][:120]}")
             if tf and sdpa:
                 line += f"  {tf / sdpa:5.2f}x SDPA ({sdpa:.2f})"
             if tf and peak:

@@ -19,6 +19,7 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+TIME_LIMIT_S = 3  # the comparison's: far too short for all of it, so it must stop and say so
 
 # compute-sanitizer --tool T --error-exitcode N COMMAND...: runs COMMAND.
 SANITIZER = """#!/bin/sh
@@ -48,7 +49,7 @@ def main():
         for name, text in (("compute-sanitizer", SANITIZER), ("ncu", NCU)):
             (tools / name).write_text(text)
             (tools / name).chmod(stat.S_IRWXU)
-        env = dict(os.environ, PATH=f"{tools}:{os.environ['PATH']}", OUT=str(out), COMPARE_TIME_LIMIT_S="3",
+        env = dict(os.environ, PATH=f"{tools}:{os.environ['PATH']}", OUT=str(out), COMPARE_TIME_LIMIT_S=str(TIME_LIMIT_S),
                    ATTEND_FAKE_CUDA="launch=noop",
                    LD_LIBRARY_PATH=f"{fake_driver}:{os.environ.get('LD_LIBRARY_PATH', '')}")
         run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(build)], env=env,
@@ -63,13 +64,15 @@ def main():
         status = dict(re.findall(r"^(\S+): exit (\d+) in \d+ s$", summary, re.M))
         check("tests" in status and "fault" in status, "the CUDA tests and the fault test ran")
         sanitized = [name for name in status if name.startswith(("racecheck_", "memcheck_"))]
+        profiles = [name for name in status if name.startswith("profile_")]
         check(len(sanitized) == 9, f"9 sanitizer runs: {sanitized}")
+        check(len(profiles) == 3, f"3 profiles: {profiles}")
         # Every other step's command worked: its kernels exist and its arguments parse.
-        for name in sanitized + ["memory_bound", "compare", "overhead"] + [n for n in status if n.startswith("profile_")]:
+        for name in sanitized + ["memory_bound", "compare", "overhead"] + profiles:
             check(status.get(name) == "0", f"{name}: exit 0 (got {status.get(name)})")
-        check(len([n for n in status if n.startswith("profile_")]) == 3, "3 profiles")
 
-        check("not run: --time-limit 3 s was reached" in summary, "the comparison stopped at its time limit, saying so")
+        check(f"not run: --time-limit {TIME_LIMIT_S} s was reached" in summary,
+              "the comparison stopped at its time limit, saying so")
         entries = [json.loads(line) for line in (out / "compare_gpu.jsonl").read_text().splitlines()]
         check(len(entries) >= 1, f"the comparison wrote {len(entries)} shape(s) before its limit")
         timed = [r for e in entries for r in e["attend"].values()]
