@@ -21,9 +21,10 @@
 #
 #   bench/gpu_check.sh [BUILD]        logs under $OUT (default bench/results/gpu)
 #
-# BUILD (default build/) is a build made by ./build.sh, here or on another x86-64
-# machine (the kernels do not need libHalide at run time, so a build folder can be
-# copied to a GPU machine that has no Halide). Dry runs without a GPU:
+# BUILD (default build/) is a build with every GPU schedule variant: made by
+# ./build.sh test, or configured with -DATTEND_ALL_GPU_VARIANTS=ON, here or on
+# another x86-64 machine (the kernels do not need libHalide at run time, so a
+# build folder can be copied to a GPU machine that has no Halide). Dry runs without a GPU:
 #   ATTEND_GPU_DEVICE=opencl bench/gpu_check.sh    (OpenCL on PoCL, small shapes)
 #   ATTEND_FAKE_CUDA=launch=noop LD_LIBRARY_PATH=build/tests/fake_cuda bench/gpu_check.sh
 #       (the CUDA flow, every shape and variant, against the fake driver: its
@@ -41,8 +42,14 @@ export LD_LIBRARY_PATH="$BUILD/runtime${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"  # 
 ATTEND="$BUILD/bin/attend"
 TESTS="$BUILD/tests/attend_gpu_tests"
 for f in "$ATTEND" "$TESTS"; do
-    [ -x "$f" ] || { echo "missing $f: build first (./build.sh)" >&2; exit 2; }
+    [ -x "$f" ] || { echo "missing $f: build first (./build.sh test)" >&2; exit 2; }
 done
+# The sanitizer runs and the comparison name the variants after the first.
+if ! grep -qiE "^ATTEND_ALL_GPU_VARIANTS:BOOL=(ON|1|TRUE|YES|Y)$" "$BUILD/CMakeCache.txt"; then
+    echo "$BUILD has only the GPU variants select_kernel picks; this check compares all of them:" \
+         "build with ./build.sh test, or configure with -DATTEND_ALL_GPU_VARIANTS=ON" >&2
+    exit 2
+fi
 
 step() { printf '\n==> %s\n' "$*" | tee -a "$OUT/summary.txt"; }
 failures=0

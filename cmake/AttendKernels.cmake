@@ -103,7 +103,8 @@ function(attend_add_kernel NAME)
         list(APPEND libraries ${library})
         # user_context: Halide errors reach the handler of the call that raised them.
         add_halide_library(${library}
-            FROM attend_generator
+            FROM ${ATTEND_GENERATOR}
+            DEPENDS ${ATTEND_GENERATOR_DEPENDS}
             GENERATOR attention
             FUNCTION_NAME ${library}
             USE_RUNTIME attend_halide_runtime

@@ -69,6 +69,52 @@ struct Tensor {
     }
 };
 
+// The kernels this build was configured with (tests/CMakeLists.txt passes
+// ATTEND_HEAD_DIMS and ATTEND_DTYPES): a test tree may have fewer than the
+// defaults (./build.sh's TSan tree does, and says so in its test names), and the
+// tests run the kernels it has.
+inline std::vector<std::string> split_list(const std::string &list) {
+    std::vector<std::string> items;
+    for (size_t start = 0; start <= list.size();) {
+        size_t end = std::min(list.find(',', start), list.size());
+        if (end > start) items.push_back(list.substr(start, end - start));
+        start = end + 1;
+    }
+    return items;
+}
+inline std::vector<int64_t> built_head_dims() {
+    std::vector<int64_t> dims;
+    for (const auto &d : split_list(ATTEND_TEST_HEAD_DIMS)) dims.push_back(std::stoll(d));
+    return dims;
+}
+inline bool has_head_dim(int64_t d) {
+    auto dims = built_head_dims();
+    return std::find(dims.begin(), dims.end(), d) != dims.end();
+}
+// Those of `wanted` the build has a specialised kernel for; if none, its first one.
+inline std::vector<int64_t> built_among(std::initializer_list<int64_t> wanted) {
+    std::vector<int64_t> dims;
+    for (int64_t d : wanted) {
+        if (has_head_dim(d)) dims.push_back(d);
+    }
+    if (dims.empty()) dims.push_back(built_head_dims().at(0));
+    return dims;
+}
+inline std::vector<DType> built_dtypes() {
+    std::vector<DType> dtypes;
+    for (const auto &name : split_list(ATTEND_TEST_DTYPES)) {
+        for (DType t : {DType::Float32, DType::Float16, DType::BFloat16}) {
+            if (name == to_string(t)) dtypes.push_back(t);
+        }
+    }
+    return dtypes;
+}
+inline std::vector<DType> built_16bit_dtypes() {
+    std::vector<DType> dtypes = built_dtypes();
+    dtypes.erase(std::remove(dtypes.begin(), dtypes.end(), DType::Float32), dtypes.end());
+    return dtypes;
+}
+
 inline DLDataType float32_type() { return DLDataType{kDLFloat, 32, 1}; }
 inline DLDataType bool_type() { return DLDataType{6 /* kDLBool */, 8, 1}; }
 

@@ -128,7 +128,7 @@ TEST_CASE("attend run: --lse writes each row's log-sum-exp, as the library does"
 }
 
 TEST_CASE("attend run: --dtype float16 and bfloat16 equal the library call on rounded inputs") {
-    for (DType dtype : {DType::Float16, DType::BFloat16}) {
+    for (DType dtype : built_16bit_dtypes()) {
         CliProblem c;
         auto r = c.ws.attend("run " + c.files + " --dtype " + to_string(dtype));
         INFO(std::string(to_string(dtype)) << ": " << r.err);
@@ -260,13 +260,14 @@ TEST_CASE("attend run --device cuda when the driver reports a fault: exit 1 nami
 
 TEST_CASE("attend bench --json: the last line is a JSON object with ms and gflops") {
     Workspace ws;
-    auto r = ws.attend("bench --b 1 --h 2 --n 64 --m 80 --d 32 --causal --mask --repeats 3 --json");
+    const std::string d = std::to_string(built_among({32})[0]);
+    auto r = ws.attend("bench --b 1 --h 2 --n 64 --m 80 --d " + d + " --causal --mask --repeats 3 --json");
     REQUIRE(r.status == 0);
     auto last = r.out.substr(r.out.rfind('\n', r.out.size() - 2) + 1);
     auto j = nlohmann::json::parse(last);
     CHECK(j["ms"].get<double>() > 0);
     CHECK(j["gflops"].get<double>() > 0);
-    CHECK(j["kernel"] == "attend_cpu_d32");
+    CHECK(j["kernel"] == "attend_cpu_d" + d);
     // The memory the calls add (no n x m buffer; per-task buffers are small).
     REQUIRE(j.contains("extra_memory_mib"));
     CHECK(j["extra_memory_mib"].get<double>() >= 0);
@@ -276,7 +277,8 @@ TEST_CASE("attend bench --json: the last line is a JSON object with ms and gflop
 
 TEST_CASE("attend bench --device opencl --json: samples are batches of calls, said in the JSON") {
     Workspace ws;
-    auto r = ws.attend("bench --device opencl --b 1 --h 2 --n 64 --m 80 --d 32 --repeats 2 --json");
+    const std::string d = std::to_string(built_among({32})[0]);
+    auto r = ws.attend("bench --device opencl --b 1 --h 2 --n 64 --m 80 --d " + d + " --repeats 2 --json");
     INFO("stderr: " << r.err);
     if (r.status != 0) {  // no OpenCL device here: a runtime failure naming it
         CHECK(r.status == 1);
@@ -285,7 +287,7 @@ TEST_CASE("attend bench --device opencl --json: samples are batches of calls, sa
     }
     auto last = r.out.substr(r.out.rfind('\n', r.out.size() - 2) + 1);
     auto j = nlohmann::json::parse(last);
-    CHECK(j["kernel"].get<std::string>().rfind("attend_opencl_d32", 0) == 0);
+    CHECK(j["kernel"].get<std::string>().rfind("attend_opencl_d" + d, 0) == 0);
     CHECK(j["repeats"] == 2);
     CHECK(j["ms"].get<double>() > 0);
     REQUIRE(j.contains("calls_per_sample"));

@@ -1,16 +1,25 @@
 // attend::add_kernel: a kernel generated outside the build (how `attend tune`
 // runs its candidates) goes through the same validation and marshalling.
+#include <dlfcn.h>
+
 #include "attend/kernel_abi.hpp"
 #include "support.hpp"
 
 using namespace attend;
 using namespace attend::test;
 
-// Built kernels of this build, reached as a generated library outside it would be.
-extern "C" int attend_cpu_d32_baseline ATTEND_KERNEL_PARAMS;
-extern "C" int attend_cpu_generic_baseline ATTEND_KERNEL_PARAMS;
-
 namespace {
+
+// Built kernels of this build (baseline target), reached by their symbols as a
+// generated library outside it would be: one specialised, and the generic one.
+const int kDim = int(built_among({32})[0]);
+KernelFunction built_function(const std::string &name) {
+    auto function = reinterpret_cast<KernelFunction>(dlsym(RTLD_DEFAULT, name.c_str()));
+    if (!function) FAIL(name << " is not exported by libattend");
+    return function;
+}
+KernelFunction specialised() { return built_function("attend_cpu_d" + std::to_string(kDim) + "_baseline"); }
+const std::string kAdded = "added_d" + std::to_string(kDim);
 
 // A kernel that returns success without writing anything.
 #pragma GCC diagnostic push
@@ -20,9 +29,10 @@ int writes_nothing ATTEND_KERNEL_PARAMS { return 0; }
 
 void register_once() {
     static bool done = [] {
-        add_kernel(KernelInfo{"added_d32", Device::CPU, 32, DType::Float32}, attend_cpu_d32_baseline);
-        add_kernel(KernelInfo{"added_generic", Device::CPU, 0, DType::Float32}, attend_cpu_generic_baseline);
-        add_kernel(KernelInfo{"writes_nothing", Device::CPU, 32, DType::Float32}, writes_nothing);
+        add_kernel(KernelInfo{kAdded, Device::CPU, kDim, DType::Float32}, specialised());
+        add_kernel(KernelInfo{"added_generic", Device::CPU, 0, DType::Float32},
+                   built_function("attend_cpu_generic_baseline"));
+        add_kernel(KernelInfo{"writes_nothing", Device::CPU, kDim, DType::Float32}, writes_nothing);
         return true;
     }();
     (void)done;
@@ -32,8 +42,8 @@ void register_once() {
 
 TEST_CASE("an added kernel runs when Options::kernel names it, and matches the reference") {
     register_once();
-    for (const char *name : {"added_d32", "added_generic"}) {
-        ProblemSpec spec = spec_of(2, 4, 70, 131, 32);
+    for (const std::string &name : {kAdded, std::string("added_generic")}) {
+        ProblemSpec spec = spec_of(2, 4, 70, 131, kDim);
         spec.kv_heads = 2;
         spec.mask = true;
         Options options;
@@ -41,22 +51,22 @@ TEST_CASE("an added kernel runs when Options::kernel names it, and matches the r
         auto p = make_problem(spec, options);
         auto expected = p.expected();
         p.options.kernel = name;
-        INFO(std::string(name));
+        INFO(name);
         check_against_reference(p, expected);
     }
 }
 
 TEST_CASE("add_kernel: select_kernel never picks an added kernel, and the listing stays the build's") {
     register_once();
-    auto chosen = select_kernel(Device::CPU, DType::Float32, 32, 32, {});
+    auto chosen = select_kernel(Device::CPU, DType::Float32, kDim, kDim, {});
     REQUIRE(chosen);
-    CHECK(chosen->name == "attend_cpu_d32");
+    CHECK(chosen->name == "attend_cpu_d" + std::to_string(kDim));
     for (const auto &k : available_kernels()) CHECK(k.name.rfind("added_", 0) != 0);
 }
 
 TEST_CASE("add_kernel: the runtime really calls the added function") {
     register_once();
-    auto p = make_problem(spec_of(1, 1, 5, 5, 32));
+    auto p = make_problem(spec_of(1, 1, 5, 5, kDim));
     p.options.kernel = "writes_nothing";
     p.run();
     for (float x : p.out.dense()) CHECK(std::isnan(x));  // out is made of NaN sentinels
@@ -73,18 +83,20 @@ TEST_CASE("add_kernel and Options::kernel reject bad registrations and calls, na
             CHECK(std::string(e.what()).find(what) != std::string::npos);
         }
     };
-    rejects({"", Device::CPU, 32, DType::Float32}, attend_cpu_d32_baseline, "info.name: must not be empty");
-    rejects({"added_d32", Device::CPU, 32, DType::Float32}, attend_cpu_d32_baseline, "'added_d32' exists");
-    rejects({"attend_cpu_d64", Device::CPU, 64, DType::Float32}, attend_cpu_d32_baseline, "'attend_cpu_d64' exists");
-    rejects({"on_gpu", Device::CUDA, 32, DType::Float32}, attend_cpu_d32_baseline, "info.device: only CPU");
-    rejects({"negative", Device::CPU, -1, DType::Float32}, attend_cpu_d32_baseline, "info.head_dim");
-    rejects({"null", Device::CPU, 32, DType::Float32}, nullptr, "function: must not be null");
+    const KernelFunction f = specialised();
+    const std::string built = "attend_cpu_d" + std::to_string(kDim);
+    rejects({"", Device::CPU, kDim, DType::Float32}, f, "info.name: must not be empty");
+    rejects({kAdded, Device::CPU, kDim, DType::Float32}, f, "'" + kAdded + "' exists");
+    rejects({built, Device::CPU, kDim, DType::Float32}, f, "'" + built + "' exists");
+    rejects({"on_gpu", Device::CUDA, kDim, DType::Float32}, f, "info.device: only CPU");
+    rejects({"negative", Device::CPU, -1, DType::Float32}, f, "info.head_dim");
+    rejects({"null", Device::CPU, kDim, DType::Float32}, nullptr, "function: must not be null");
 
-    auto p = make_problem(spec_of(1, 1, 5, 5, 64));
-    p.options.kernel = "added_d32";
-    CHECK_THROWS_WITH_AS(p.run(), doctest::Contains("needs d == dv == 32"), std::invalid_argument);
-    auto q = make_problem(spec_of(1, 1, 5, 5, 32));
-    q.options.kernel = "added_d32";
+    auto p = make_problem(spec_of(1, 1, 5, 5, kDim * 2));
+    p.options.kernel = kAdded;
+    CHECK_THROWS_WITH_AS(p.run(), doctest::Contains(("needs d == dv == " + std::to_string(kDim)).c_str()), std::invalid_argument);
+    auto q = make_problem(spec_of(1, 1, 5, 5, kDim));
+    q.options.kernel = kAdded;
     q.options.cpu_isa = CpuIsa::Baseline;
     CHECK_THROWS_WITH_AS(q.run(), doctest::Contains("added at run time with one target"), std::invalid_argument);
 }

@@ -48,20 +48,29 @@ const int64_t kSizes[] = {1, 2, 7, 63, 65, 257, 1000};
 
 }  // namespace
 
-TEST_CASE("the build has a specialised kernel for the common head dims and a generic one") {
-    std::map<int, std::string> by_dim;
+TEST_CASE("the build has a CPU kernel for each configured head dim and dtype, and a generic one") {
+    std::map<std::pair<int, DType>, int> count;
+    size_t cpu_kernels = 0;
     for (const auto &k : available_kernels()) {
-        if (k.device == Device::CPU && k.dtype == DType::Float32) by_dim[k.head_dim] = k.name;
+        if (k.device != Device::CPU) continue;
+        count[{k.head_dim, k.dtype}]++;
+        cpu_kernels++;
     }
-    for (int d : {32, 64, 80, 128}) CHECK(by_dim.count(d) == 1);
-    CHECK(by_dim.count(0) == 1);
+    REQUIRE(!built_head_dims().empty());
+    REQUIRE(!built_dtypes().empty());
+    for (DType dtype : built_dtypes()) {
+        for (int64_t d : built_head_dims()) CHECK(count[{int(d), dtype}] == 1);
+        CHECK(count[{0, dtype}] == 1);
+    }
+    CHECK(cpu_kernels == (built_head_dims().size() + 1) * built_dtypes().size());
 }
 
 TEST_CASE("select_kernel prefers the specialised kernel and falls back to the generic one") {
     Features none;
-    CHECK(select_kernel(Device::CPU, DType::Float32, 64, 64, none)->name == "attend_cpu_d64");
-    CHECK(select_kernel(Device::Auto, DType::Float32, 128, 128, none)->head_dim == 128);
-    CHECK(select_kernel(Device::CPU, DType::Float32, 64, 32, none)->head_dim == 0);
+    const int64_t d = built_among({64})[0], largest = built_head_dims().back();
+    CHECK(select_kernel(Device::CPU, DType::Float32, d, d, none)->name == "attend_cpu_d" + std::to_string(d));
+    CHECK(select_kernel(Device::Auto, DType::Float32, largest, largest, none)->head_dim == largest);
+    CHECK(select_kernel(Device::CPU, DType::Float32, d, d / 2, none)->head_dim == 0);
     CHECK(select_kernel(Device::CPU, DType::Float32, 17, 17, none)->head_dim == 0);
     std::string why;
     CHECK_FALSE(select_kernel(Device::CPU, DType::Float32, 0, 64, none, &why));

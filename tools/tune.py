@@ -3,8 +3,8 @@
 
 For each head dim, a coordinate descent over the generator's schedule
 GeneratorParams, starting from the hand schedule (the generator's defaults):
-each candidate is generated for the target (build/generators/attend_generator,
-cached under build/tune/), checked against the double-precision reference and
+each candidate is generated for the target through the kernel cache with the
+build's generator (tools/kernel_cache.py), checked against the double-precision reference and
 timed by build/tools/attend_tune_probe, so a wrong schedule can never win. The
 machine's load drifts, so a line of candidates is timed in one probe run with
 the current best, interleaved call by call, and judged against that run's
@@ -37,6 +37,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import kernel_cache
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GENERATOR_SOURCE = ROOT / "generators" / "attention_generator.cpp"
@@ -117,14 +119,17 @@ class Candidates:
     def __init__(self, build, target, repeats, state_path, fresh):
         self.build, self.target, self.repeats = build, target, repeats
         self.generate_timeout = None  # seconds; None: no limit
-        self.generator = build / "generators" / "attend_generator"
+        config = build / "generators" / "attend_generator.json"
         self.probe = build / "tools" / "attend_tune_probe"
-        for tool in (self.generator, self.probe):
+        for tool in (config, self.probe):
             if not tool.exists():
                 sys.exit(f"tune: {tool} is missing: run ./build.sh first")
+        self.generator = kernel_cache.Generator(config)
+        if not self.generator.executable.exists():
+            sys.exit(f"tune: {self.generator.executable} is missing: run ./build.sh first")
         # Candidates are keyed by the generator's contents too: a new generator
-        # invalidates every cached kernel and measurement.
-        self.generator_hash = hashlib.sha1(self.generator.read_bytes()).hexdigest()[:12]
+        # invalidates every linked candidate and measurement.
+        self.generator_hash = hashlib.sha1(self.generator.executable.read_bytes()).hexdigest()[:12]
         self.cache = build / "tune" / "cache"
         self.cache.mkdir(parents=True, exist_ok=True)
         self.state_path = state_path
@@ -149,20 +154,20 @@ class Candidates:
         if so.exists():
             return so, function
         knobs = [f"{k}={v}" for k, v in generator_params(params, self.target).items()]
-        command = [str(self.generator), "-g", "attention", "-o", str(self.cache), "-e", "static_library",
-                   "-f", function, f"target={self.target}-user_context-no_runtime", f"head_dim={head_dim}",
-                   "element_type=float32"] + knobs
+        args = ["-g", "attention", "-o", str(self.cache), "-e", "static_library",
+                "-f", function, f"target={self.target}-user_context-no_runtime", f"head_dim={head_dim}",
+                "element_type=float32"] + knobs
         if scheduler:
             plugin = halide_plugin(self.build, scheduler)
-            command[1:1] = ["-p", str(plugin)]
-            command += [f"autoscheduler={scheduler}"]
+            args[0:0] = ["-p", str(plugin)]
+            args += [f"autoscheduler={scheduler}"]
         try:
-            generated = subprocess.run(command, capture_output=True, text=True, timeout=self.generate_timeout)
+            status, printed = self.generator.run(args, capture=True, timeout=self.generate_timeout)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"generating {params or scheduler} took over {self.generate_timeout} s: stopped")
         archive = self.cache / f"{function}.a"
-        if generated.returncode != 0:
-            why = generated.stderr.strip()[-2000:] or f"exit status {generated.returncode}"
+        if status != 0:
+            why = printed.strip()[-2000:] or f"exit status {status}"
             raise RuntimeError(f"generating {params or scheduler} failed: {why}")
         subprocess.run(["c++", "-shared", "-o", str(so), "-Wl,--whole-archive", str(archive),
                         "-Wl,--no-whole-archive"], check=True)
