@@ -110,21 +110,13 @@ build() {
     say "$dir: $("$VENV/bin/python" "$ROOT/tools/kernel_cache.py" summary "$dir/kernel_cache.log")"
 }
 
-# The best of the main tree's CPU targets that this CPU runs, and the baseline (last).
+# The best of the main tree's CPU targets that this CPU runs (the tuner's rule),
+# and the baseline (last).
 host_cpu_targets() {
-    local flags targets best="" target
-    flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
-    IFS=';' read -r -a targets <<<"$(cmake_cache_value "$BUILD" ATTEND_CPU_TARGETS)"
-    for target in "${targets[@]}"; do
-        local needed=()
-        [[ $target == *avx512* ]] && needed+=(avx512f avx512cd avx512bw avx512dq avx512vl)
-        [[ $target == *avx2* ]] && needed+=(avx2 fma f16c sse4_1)
-        local runs=1 flag
-        for flag in "${needed[@]}"; do [[ $flags == *" $flag "* ]] || runs=0; done
-        [ $runs -eq 1 ] && { best="$target"; break; }
-    done
-    local baseline="${targets[${#targets[@]} - 1]}"
-    if [ -z "$best" ] || [ "$best" = "$baseline" ]; then echo "$baseline"; else echo "$best;$baseline"; fi
+    PYTHONPATH="$ROOT/tools" "$VENV/bin/python" -c 'import sys, tune
+targets = sys.argv[1].split(";")
+print(";".join(dict.fromkeys([t for t in targets if tune.runs_here(t)][:1] + targets[-1:])))' \
+        "$(cmake_cache_value "$BUILD" ATTEND_CPU_TARGETS)"
 }
 
 # fuzz SECONDS: the saved corpus as regression inputs, then SECONDS of fuzzing per
