@@ -1,12 +1,12 @@
 // Attend's CPU benchmark: GFLOP/s of the kernels on naturalspeech2-like shapes
 // (b·h = 16, n = m in {256, 1024, 4096}, d in {64, 128}, causal and not), each
 // also as a fraction of this machine's FMA peak, measured in the same run by
-// fma_peak (../shared/tools/fma_peak.c), with the same thread count.
+// fma_peak (bench/fma_peak.c, built beside this program), with the same thread
+// count.
 //
 //   attend_bench [--peak-command "..."] [Google Benchmark flags]
 // Report medians on a shared machine: --benchmark_repetitions=5
 // --benchmark_report_aggregates_only=true.
-#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -16,6 +16,8 @@
 #include <benchmark/benchmark.h>
 
 #include "attend/attend.hpp"
+#include "attend/dlpack_types.hpp"
+#include "timing.hpp"
 
 namespace {
 
@@ -57,14 +59,13 @@ void BM_attention(benchmark::State &state) {
     const DLDataType f32{kDLFloat, 32, 1};
     DLTensor q = dl(in.q.data(), in.q_shape, f32), k = dl(in.k.data(), in.kv_shape, f32),
              v = dl(in.v.data(), in.kv_shape, f32), out = dl(in.out.data(), in.q_shape, f32),
-             mask = dl(in.mask.data(), in.mask_shape, {6, 8, 1});
+             mask = dl(in.mask.data(), in.mask_shape, attend::dlpack::kBool);
     attend::Options options;
     options.causal = causal;
+    const auto call = [&] { attend::forward(q, k, v, with_mask ? &mask : nullptr, out, options); };
     double seconds = 0;
     for (auto _ : state) {
-        auto start = std::chrono::steady_clock::now();
-        attend::forward(q, k, v, with_mask ? &mask : nullptr, out, options);
-        auto elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        const double elapsed = attend::timing::milliseconds(call) * 1e-3;  // seconds
         state.SetIterationTime(elapsed);
         seconds += elapsed;
     }

@@ -3,7 +3,7 @@
 
 Runs `attend bench --json` for each dtype and shape, interleaved over --rounds
 rounds (the machine is shared and noisy: medians of the rounds), and the FMA
-peak (../shared/tools/fma_peak.c, built as build/bench/fma_peak) in the same
+peak (bench/fma_peak.c, built as build/bench/fma_peak) in the same
 run. Prints a table and writes bench/results/compare_dtypes.json.
 
     python3 bench/compare_dtypes.py [--build build] [--rounds 5]

@@ -2,8 +2,9 @@
 """Attend next to what users would call instead, measured in one run.
 
 For each shape: Attend (through `attend bench --json`), PyTorch's
-scaled_dot_product_attention, and the seed module's own math path (exec'd from
-../shared/seed, small shapes only: it needs n*m memory), all fp32 on the CPU
+scaled_dot_product_attention, and the seed module's own math path (the original
+naturalspeech2-pytorch module, exec'd from the seed file named by --seed-file or
+$ATTEND_SEED_FILE; small shapes only: it needs n*m memory), all fp32 on the CPU
 with the same thread count, plus this machine's FMA peak from fma_peak; then
 float16 and bfloat16 rows: Attend's 16-bit kernels next to SDPA on tensors of
 that dtype (the seed's math path only in fp32).
@@ -12,7 +13,10 @@ Prints a table (GFLOP/s, ratio to SDPA, fraction of the peak), writes the
 figures as JSON and a PNG plot of GFLOP/s against n.
 
     python3 -m venv .venv-bench && .venv-bench/bin/pip install -r bench/requirements.txt
+    export ATTEND_SEED_FILE=/path/to/000_edd5e010b2cbceaa.txt  # tools/seed_module.py says what it is
     .venv-bench/bin/python bench/compare_torch.py [--repeats 7] [--quick]
+
+Without the seed file, --seed-math-max-n 0 runs everything but the seed's column.
 
 GFLOP/s count 4*b*h*n*m*d, halved for causal. Times are medians: of --repeats
 calls per round, then over --rounds rounds in which Attend and SDPA alternate.
@@ -41,7 +45,9 @@ def parse_args():
                     help="Attend and SDPA alternate this many times per shape; each figure is the median over rounds")
     ap.add_argument("--memory-n", type=int, default=16384, help="n=m of the memory measurement (0: none)")
     ap.add_argument("--quick", action="store_true", help="only n=m in {64, 256, 1024}")
-    ap.add_argument("--seed-math-max-n", type=int, default=1024, help="largest n for the seed's math path")
+    ap.add_argument("--seed-math-max-n", type=int, default=1024,
+                    help="largest n for the seed's math path (0: no seed math column, no seed file needed)")
+    ap.add_argument("--seed-file", help="the seed file with the original Attend module (default: $ATTEND_SEED_FILE)")
     ap.add_argument("--dtypes", default="float32,float16,bfloat16", help="which rows to run, by dtype")
     ap.add_argument("--json", default=str(REPO / "bench" / "results" / "compare_torch.json"))
     ap.add_argument("--plot", default=str(REPO / "bench" / "results" / "compare_torch.png"))
@@ -149,8 +155,13 @@ def main():
     args = parse_args()
     import torch
     torch.set_num_threads(args.threads)
-    from seed_module import load_attend
-    attend_class = load_attend()
+    from seed_module import SeedFileError, load_attend
+    attend_class = None
+    if args.seed_math_max_n > 0 and "float32" in args.dtypes.split(","):
+        try:
+            attend_class = load_attend(args.seed_file)
+        except SeedFileError as error:
+            sys.exit(f"compare_torch: {error} (--seed-math-max-n 0 runs without the seed's math path)")
     # The FMA peak is measured before every shape too: noise only lowers a
     # measurement, so the largest of the run is the peak the fractions use.
     peaks = [p for p in (fma_peak(args.build, args.threads) for _ in range(3)) if p]
@@ -170,7 +181,7 @@ def main():
             sdpa_times.append(sdpa_ms(torch, s, calls))
         attend = gf / statistics.median(attend_times)
         sdpa = gf / statistics.median(sdpa_times)
-        with_seed = s["n"] <= args.seed_math_max_n and s["dtype"] == "float32"
+        with_seed = attend_class is not None and s["n"] <= args.seed_math_max_n and s["dtype"] == "float32"
         seed = gf / seed_math_ms(torch, attend_class, s, min(args.repeats, 3)) if with_seed else None
         rows.append(dict(s, attend_gflops=attend, sdpa_gflops=sdpa, seed_math_gflops=seed, ratio_to_sdpa=attend / sdpa))
         print(table_row(rows[-1], max(peaks) if peaks else None), flush=True)

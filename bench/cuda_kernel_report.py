@@ -7,7 +7,7 @@ each kernel's registers per thread and spills; from the registers follow the
 warps that can be resident on one SM (4 partitions of 16384 registers, a
 warp's allocated in units of 256 from one of them; at most 32 blocks of one
 warp). Shared memory can allow fewer:
-Halide sizes it at launch, so ptxas does not see it (README, GPU section). With cuobjdump (CUDA's, or the
+Halide sizes it at launch, so ptxas does not see it (docs/performance.md, GPU). With cuobjdump (CUDA's, or the
 nvidia-cuda-cuobjdump wheel's) the SASS is read too: per kernel, the loops
 (backward branches) and their instructions, FFMA and shared loads counted;
 the key-block loop is the one with a barrier in it, and its instructions per

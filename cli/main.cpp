@@ -21,9 +21,11 @@
 #include <nlohmann/json.hpp>
 
 #include "attend/attend.hpp"
+#include "attend/dlpack_types.hpp"
 #include "attend/half.hpp"
 #include "attend/reference.hpp"
 #include "npy.hpp"
+#include "timing.hpp"
 
 namespace {
 
@@ -40,7 +42,7 @@ DLTensor as_dl(npy::Array &a) {
     t.ndim = int(a.shape.size());
     t.shape = a.shape.data();
     t.strides = nullptr;  // C order
-    t.dtype = a.dtype == npy::DType::Bool      ? DLDataType{6 /* kDLBool */, 8, 1}
+    t.dtype = a.dtype == npy::DType::Bool      ? dlpack::kBool
               : a.dtype == npy::DType::Float16 ? DLDataType{kDLFloat, 16, 1}
                                                : DLDataType{kDLFloat, 32, 1};
     return t;
@@ -91,53 +93,6 @@ CpuIsa parse_isa(const std::string &name) {
     throw BadInput("--isa: expected auto, avx512, avx2 or baseline, got '" + name + "'");
 }
 
-// Milliseconds of each of `repeats` calls after one warm-up call.
-template <class F>
-std::vector<double> time_calls(F &&call, int repeats) {
-    call();
-    std::vector<double> ms;
-    for (int r = 0; r < repeats; r++) {
-        auto start = std::chrono::steady_clock::now();
-        call();
-        ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
-    }
-    return ms;
-}
-
-// A GPU's milliseconds per call, `repeats` samples. After a first call (which
-// loads the kernels), calls run for kGpuWarmUpMs, as GPUs raise their clocks under
-// load; each sample is then a batch of calls filling about kGpuSampleMs with one
-// wait at its end (launches overlap the kernels, as in an application that does
-// not wait after every call).
-constexpr double kGpuWarmUpMs = 200, kGpuSampleMs = 20;
-template <class Call, class Wait>
-std::vector<double> time_gpu_calls(Call &&call, Wait &&wait, int repeats, int &calls_per_sample) {
-    using Clock = std::chrono::steady_clock;
-    auto ms_since = [](Clock::time_point start) {
-        return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-    };
-    call();  // the first call also loads the kernels (the driver compiles their PTX)
-    wait();
-    const auto warm_up = Clock::now();
-    int warm_up_calls = 0;
-    do {
-        call();
-        wait();
-        warm_up_calls++;
-    } while (ms_since(warm_up) < kGpuWarmUpMs);
-    const double per_call = ms_since(warm_up) / warm_up_calls;
-    const int batch = int(std::clamp(kGpuSampleMs / std::max(per_call, 1e-3), 1.0, 1000.0));
-    calls_per_sample = batch;
-    std::vector<double> ms;
-    for (int r = 0; r < repeats; r++) {
-        const auto start = Clock::now();
-        for (int c = 0; c < batch; c++) call();
-        wait();
-        ms.push_back(ms_since(start) / batch);
-    }
-    return ms;
-}
-
 // Resident memory that work adds on top of what the process holds (Linux): the
 // peak is reset before it (/proc/self/clear_refs) and read after. In MiB; -1
 // where /proc cannot say.
@@ -164,11 +119,6 @@ private:
     }
     long before_kib_ = -1;
 };
-
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-}
 
 std::vector<float> random_floats(size_t count, uint32_t seed) {
     std::mt19937 rng(seed);
@@ -259,7 +209,7 @@ int run_command(const RunArgs &a) {
     }
     DLTensor dq = as_dl(q), dk = as_dl(k), dv = as_dl(v), dout = as_dl(out), dlse = as_dl(lse);
     for (DLTensor *t : {&dq, &dk, &dv, &dout}) {
-        if (t->dtype.code == kDLFloat) t->dtype = dlpack_type(dtype);
+        if (t->dtype.code == kDLFloat) t->dtype = dlpack::type_of(dtype);
     }
     DLTensor dmask = mask ? as_dl(*mask) : DLTensor{};
     forward(dq, dk, dv, mask ? &dmask : nullptr, dout, a.lse.empty() ? nullptr : &dlse, options);
@@ -333,12 +283,12 @@ int bench_command(const BenchArgs &a) {
     double extra_mib = -1;     // host memory the calls add (CPU)
     int calls_per_sample = 1;  // a GPU's samples are batches of calls
     if (device == Device::CPU) {
-        const DLDataType type = dlpack_type(dtype);
+        const DLDataType type = dlpack::type_of(dtype);
         DLTensor dq = dense_dl(q.data(), q_shape, type), dk = dense_dl(k.data(), k_shape, type),
                  dv_ = dense_dl(v.data(), v_shape, type), dout = dense_dl(out.data(), out_shape, type),
-                 dmask = dense_dl(mask.data(), mask_shape, {6, 8, 1});
+                 dmask = dense_dl(mask.data(), mask_shape, dlpack::kBool);
         PeakMemoryGrowth growth;
-        ms = time_calls([&] { forward(dq, dk, dv_, a.mask ? &dmask : nullptr, dout, options); }, a.repeats);
+        ms = timing::time_calls([&] { forward(dq, dk, dv_, a.mask ? &dmask : nullptr, dout, options); }, a.repeats);
         extra_mib = growth.mib();
     } else {
         // Inputs and output stay on the device; each sample waits once, after its batch.
@@ -349,7 +299,7 @@ int bench_command(const BenchArgs &a) {
         std::copy(mask.begin(), mask.end(), gmask.data());
         gmask.set_host_dirty();
         Halide::Runtime::Buffer<const void> no_mask;
-        ms = time_gpu_calls(
+        ms = timing::time_gpu_calls(
             [&] { forward(gq, gk, gv, a.mask ? Halide::Runtime::Buffer<const void>(gmask) : no_mask, gout, options); },
             [&] {
                 if (int status = gout.device_sync()) {
@@ -358,11 +308,19 @@ int bench_command(const BenchArgs &a) {
             },
             a.repeats, calls_per_sample);
     }
-    double best = *std::min_element(ms.begin(), ms.end()), med = median(ms);
+    double best = *std::min_element(ms.begin(), ms.end()), med = timing::median(ms);
     double flops = flop_count(a.b, a.h, a.n, a.m, a.d, dv, a.causal);
+    KernelRequest request;
+    request.device = device;
+    request.dtype = dtype;
+    request.head_dim = a.d;
+    request.value_dim = dv;
+    request.features = Features{a.mask, a.causal, false};
+    request.kernel = a.kernel;
+    request.cpu_isa = options.cpu_isa;
     std::string why_not;
-    auto selected = select_kernel(device, dtype, a.d, dv, {}, &why_not);
-    std::string kernel = !a.kernel.empty() ? a.kernel : selected ? selected->name : "(none: " + why_not + ")";
+    auto selected = select_kernel(request, &why_not);
+    std::string kernel = selected ? selected->kernel.name : "(none: " + why_not + ")";
     std::printf("%s %s isa=%s b=%lld h=%lld n=%lld m=%lld d=%lld dv=%lld%s%s: best %.3f ms, median %.3f ms, %.1f GFLOP/s",
                 kernel.c_str(), a.dtype.c_str(), a.isa.c_str(), (long long)a.b, (long long)a.h, (long long)a.n, (long long)a.m,
                 (long long)a.d, (long long)dv, a.causal ? " causal" : "", a.mask ? " mask" : "", best, med,
@@ -471,11 +429,11 @@ int demo_command() {
     for (const auto &kernel : available_kernels()) {
         if (kernel.head_dim != 0 && kernel.head_dim != d) continue;
         DemoInputs &in = inputs_for(kernel.dtype);
-        const DLDataType type = dlpack_type(kernel.dtype);
+        const DLDataType type = dlpack::type_of(kernel.dtype);
         std::vector<unsigned char> out(in.q_elements.size());
         DLTensor dq = dense_dl(in.q_elements.data(), shape, type), dk = dense_dl(in.k_elements.data(), shape, type),
                  dv = dense_dl(in.v_elements.data(), shape, type), dout = dense_dl(out.data(), shape, type),
-                 dmask = dense_dl(mask.data(), mask_shape, {6, 8, 1});
+                 dmask = dense_dl(mask.data(), mask_shape, dlpack::kBool);
         const auto selected = select_kernel(kernel.device, kernel.dtype, d, d, {true, true, false});
         std::vector<CpuIsa> isas{CpuIsa::Auto};
         if (kernel.device == Device::CPU) isas = supported_cpu_isas();
@@ -489,7 +447,7 @@ int demo_command() {
             std::vector<double> ms;
             try {
                 // The GPU runs copy the inputs in and the result out on every call.
-                ms = time_calls([&] { forward(dq, dk, dv, &dmask, dout, o); }, kernel.device == Device::CPU ? 5 : 2);
+                ms = timing::time_calls([&] { forward(dq, dk, dv, &dmask, dout, o); }, kernel.device == Device::CPU ? 5 : 2);
             } catch (const attend::Error &e) {  // no such device here: say so and go on
                 std::printf("%-32s %-9s %-9s not run: %s\n", kernel.name.c_str(), to_string(kernel.dtype), isa_name,
                             e.what());
@@ -506,7 +464,7 @@ int demo_command() {
             all_ok = all_ok && within;
             const bool picked = selected && kernel.name == selected->name && isa == CpuIsa::Auto;
             std::printf("%-32s %-9s %-9s %12.2e %10.2f %12.1f%s%s\n", kernel.name.c_str(), to_string(kernel.dtype),
-                        isa_name, max_error, median(ms), flops / median(ms) / 1e6, within ? "" : "  ERROR ABOVE PARITY",
+                        isa_name, max_error, timing::median(ms), flops / timing::median(ms) / 1e6, within ? "" : "  ERROR ABOVE PARITY",
                         picked ? "  <- what forward() picks here" : "");
         }
     }
@@ -520,8 +478,24 @@ int demo_command() {
 int kernels_command() {
     std::printf("kernels of this build:\n");
     for (const auto &k : available_kernels()) {
-        std::printf("  %-32s %s, %s, %s\n", k.name.c_str(), to_string(k.device), to_string(k.dtype),
-                    k.head_dim ? ("d = dv = " + std::to_string(k.head_dim)).c_str() : "any d and dv");
+        // What a call that names the kernel runs here: the selection forward() makes.
+        KernelRequest request;
+        request.operation = k.operation;
+        request.device = k.device;
+        request.dtype = k.dtype;
+        request.head_dim = request.value_dim = k.head_dim ? k.head_dim : 64;
+        request.kernel = k.name;
+        std::string why_not, runs;
+        if (auto choice = select_kernel(request, &why_not)) {
+            runs = k.device == Device::CPU ? std::string("runs ") + to_string(choice->cpu_isa) + " here" : "";
+        } else {
+            runs = "cannot run here: " + why_not;
+        }
+        std::string targets;
+        for (CpuIsa isa : k.cpu_isas) targets += std::string(targets.empty() ? "" : "+") + to_string(isa);
+        std::printf("  %-32s %s, %s, %s%s%s%s\n", k.name.c_str(), to_string(k.device), to_string(k.dtype),
+                    k.head_dim ? ("d = dv = " + std::to_string(k.head_dim)).c_str() : "any d and dv",
+                    targets.empty() ? "" : (", targets " + targets).c_str(), runs.empty() ? "" : ", ", runs.c_str());
     }
     std::printf("cpu instruction sets this machine can run:");
     for (CpuIsa isa : supported_cpu_isas()) std::printf(" %s", to_string(isa));

@@ -1,10 +1,13 @@
-# attend_add_kernel(<name> DEVICE <cpu|cuda|opencl> HEAD_DIM <n|0> [DTYPE <float32|float16|bfloat16>]
+# attend_add_kernel(<name> GENERATOR <registered generator name> OPERATION <forward>
+#                   DEVICE <cpu|cuda|opencl> HEAD_DIM <n|0> [DTYPE <float32|float16|bfloat16>]
 #                   TARGETS <halide targets...> [PARAMS <k=v>...])
 #
-# Stamps out one kernel variant of the attention generator as a Halide library
-# that uses the project's one shared Halide runtime, and records it for the
-# kernel table the runtime is compiled with (attend_kernels.inc). Adding a
-# variant or a target is one call or one list entry.
+# Stamps out one kernel variant of a generator (one of attend_generator's, e.g.
+# `attention`) as a Halide library that uses the project's one shared Halide
+# runtime, and records it for the kernel table the runtime is compiled with
+# (attend_kernels.inc) under its operation (attend::Operation, whose kernel
+# signature is in include/attend/kernel_abi.hpp). Adding a variant or a target
+# is one call or one list entry.
 set_property(GLOBAL PROPERTY ATTEND_KERNEL_ENTRIES "")
 set_property(GLOBAL PROPERTY ATTEND_KERNEL_LIBRARIES "")
 
@@ -54,7 +57,19 @@ function(attend_target_isa HALIDE_TARGET OUT)
 endfunction()
 
 function(attend_add_kernel NAME)
-    cmake_parse_arguments(PARSE_ARGV 1 ARG "" "DEVICE;HEAD_DIM;DTYPE" "TARGETS;PARAMS")
+    cmake_parse_arguments(PARSE_ARGV 1 ARG "" "GENERATOR;OPERATION;DEVICE;HEAD_DIM;DTYPE" "TARGETS;PARAMS")
+    if (NOT ARG_GENERATOR)
+        message(FATAL_ERROR "attend_add_kernel(${NAME}): GENERATOR (a generator of attend_generator) is required")
+    endif ()
+    # The operation as attend::Operation spells it (forward -> Forward).
+    if (NOT ARG_OPERATION MATCHES "^[a-z][a-z_]*$")
+        message(FATAL_ERROR "attend_add_kernel(${NAME}): OPERATION must be an operation name such as forward, "
+                            "got '${ARG_OPERATION}'")
+    endif ()
+    string(SUBSTRING "${ARG_OPERATION}" 0 1 first)
+    string(SUBSTRING "${ARG_OPERATION}" 1 -1 rest)
+    string(TOUPPER "${first}" first)
+    set(operation "${first}${rest}")
     if (NOT ARG_DEVICE MATCHES "^(cpu|cuda|opencl)$")
         message(FATAL_ERROR "attend_add_kernel(${NAME}): DEVICE must be cpu, cuda or opencl, got '${ARG_DEVICE}'")
     endif ()
@@ -86,12 +101,12 @@ function(attend_add_kernel NAME)
     # target the CPU runs (Halide's multi-target wrapper takes one PARAMS for all).
     set(libraries "")
     set(by_isa "")
-    set(dispatch ${NAME})
+    set(only ${NAME})
     foreach (target IN LISTS ARG_TARGETS)
         set(library ${NAME})
         set(params ${ARG_PARAMS})
         if (ARG_DEVICE STREQUAL "cpu")
-            set(dispatch nullptr)
+            set(only nullptr)
             attend_target_isa("${target}" isa)
             string(TOLOWER "${isa}" suffix)
             set(library ${NAME}_${suffix})
@@ -111,20 +126,22 @@ function(attend_add_kernel NAME)
         add_halide_library(${library}
             FROM ${ATTEND_GENERATOR}
             DEPENDS ${ATTEND_GENERATOR_DEPENDS}
-            GENERATOR attention
+            GENERATOR ${ARG_GENERATOR}
             FUNCTION_NAME ${library}
             USE_RUNTIME attend_halide_runtime
             TARGETS ${target}-user_context${ATTEND_HALIDE_FEATURES}
             PARAMS head_dim=${ARG_HEAD_DIM} element_type=${ARG_DTYPE} ${params}
             ${scheduler_args})
     endforeach ()
+    list(GET libraries 0 first_library)  # whose metadata gives the kernel's element storage type
     set_property(GLOBAL APPEND_STRING PROPERTY ATTEND_KERNEL_ENTRIES
-                 "ATTEND_KERNEL(${NAME}, ${device}, ${ARG_HEAD_DIM}, ${dtype}, ${dispatch},${by_isa})\n")
+                 "ATTEND_KERNEL(${NAME}, ${operation}, ${device}, ${ARG_HEAD_DIM}, ${dtype}, ${only}, ${first_library}_metadata,${by_isa})\n")
     set_property(GLOBAL APPEND PROPERTY ATTEND_KERNEL_LIBRARIES ${libraries})
 endfunction()
 
-# Writes the kernel table: the kernel headers, and one ATTEND_KERNEL(name, device,
-# head dim, dtype, dispatch, ATTEND_ISA(isa, function)...) per variant.
+# Writes the kernel table: the kernel headers, and one ATTEND_KERNEL(name,
+# operation, device, head dim, dtype, only function, metadata, ATTEND_ISA(isa,
+# function)...) per variant (runtime/kernel_table.cpp reads it).
 function(attend_write_kernel_table FILE)
     get_property(entries GLOBAL PROPERTY ATTEND_KERNEL_ENTRIES)
     get_property(libraries GLOBAL PROPERTY ATTEND_KERNEL_LIBRARIES)

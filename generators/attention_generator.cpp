@@ -1,5 +1,5 @@
-// The attention of naturalspeech2's `Attend` as one Halide algorithm with its
-// schedules (DESIGN.md sections 1 and 3).
+// The forward attention of naturalspeech2's `Attend` as one Halide algorithm with
+// its schedules (docs/contract.md is what it computes, docs/architecture.md how).
 //
 // Shapes here are Halide's (innermost first): q(c, i, h, b), k(c, j, hk, b),
 // v(c, j, hk, b), mask(j, b); out(c, i, h, b) is a Tuple of the attention and
@@ -18,76 +18,13 @@
 #include <vector>
 
 #include "Halide.h"
-#include "attend/dropout_hash.hpp"
+#include "attend/kernel_abi.hpp"
+#include "kernel_exprs.hpp"
 
 namespace {
 
 using namespace Halide;
-
-// 2^x for x <= 0, which is every softmax argument here (each is max-subtracted).
-// Cephes' degree-6 polynomial on [-0.5, 0.5] (relative error about 2e-7) times an
-// exponent built from bits. From about -126.5 down the weight is exactly 0 (the
-// exponent field of 2^-127 built that way is 0, which makes the product 0, with
-// no compare), so masked keys (score -FLT_MAX) weigh nothing next to any
-// unmasked key.
-Expr exp2_nonpositive(Expr x) {
-    Expr clamped = max(x, -127.0f);
-    Expr whole = round(clamped);
-    Expr f = clamped - whole;
-    Expr p = 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
-    Expr two_to_whole = reinterpret<float>((cast<int32_t>(whole) + 127) << 23);
-    return p * two_to_whole;
-}
-
-Expr u32(uint32_t x) { return Internal::make_const(UInt(32), x); }
-
-// float16 and bfloat16 elements as float32 and back. bfloat16 is the top half of
-// a float32 and is converted with bit operations everywhere (Halide 21's CUDA
-// backend fails on bfloat16 casts). Where the target has no 16-bit float type
-// (OpenCL without cl_khr_fp16, e.g. PoCL) the elements are stored as uint16 and
-// float16 is converted with bit operations too, as attend/half.hpp does on the
-// host; rounding is to nearest, ties to even, in every case.
-Expr widen(Expr x, Type element) {
-    if (element == Float(32)) return x;
-    if (element == Float(16) && x.type() == Float(16)) return cast<float>(x);
-    Expr bits = cast<uint32_t>(reinterpret<uint16_t>(x));
-    if (element == BFloat(16)) return reinterpret<float>(bits << 16);
-    Expr sign = (bits & u32(0x8000)) << 16, exponent = (bits >> 10) & u32(0x1f), mantissa = bits & u32(0x3ff);
-    Expr subnormal = cast<float>(mantissa) * (1.0f / 16777216.0f);  // exact: mantissa * 2^-24
-    Expr wide = select(exponent == u32(31), u32(0x7f800000) | (mantissa << 13),
-                       ((exponent + u32(112)) << 23) | (mantissa << 13));
-    return reinterpret<float>(sign | reinterpret<uint32_t>(select(exponent == u32(0), subnormal, reinterpret<float>(wide))));
-}
-
-Expr narrow(Expr x, Type element, Type storage) {
-    if (element == Float(32)) return x;
-    if (storage == Float(16)) return cast(Float(16), x);
-    Expr bits = reinterpret<uint32_t>(x), result;
-    if (element == BFloat(16)) {
-        result = select(is_nan(x), u32(0x7fc0), (bits + u32(0x7fff) + ((bits >> 16) & u32(1))) >> 16);
-    } else {
-        Expr sign = (bits >> 16) & u32(0x8000), magnitude = bits & u32(0x7fffffff);
-        Expr subnormal = cast<uint32_t>(round(reinterpret<float>(magnitude) * 16777216.0f));  // ties to even
-        Expr normal = ((magnitude + u32(0xfff) + ((magnitude >> 13) & u32(1))) >> 13) - u32(112 << 10);
-        result = sign | select(magnitude > u32(0x7f800000), u32(0x7e00),      // NaN
-                               magnitude >= u32(0x477ff000), u32(0x7c00),     // 65520 and above: inf
-                               magnitude < u32(0x38800000), subnormal, normal);
-    }
-    return reinterpret(storage, cast<uint16_t>(result));
-}
-
-// ln(sum_j 2^(s_j)) from a row's state: its max and its sum of 2^(s_j - max), in
-// log2 units. A row whose max is -FLT_MAX has every key masked: -inf.
-Expr log_sum_exp(Expr max_log2, Expr sum) {
-    Expr minus_infinity = Internal::make_const(Float(32), -INFINITY);
-    return select(max_log2 == -FLT_MAX, minus_infinity, max_log2 * float(M_LN2) + log(sum));
-}
+using namespace attend::kernel_exprs;
 
 class Attention : public Generator<Attention> {
 public:
@@ -161,15 +98,10 @@ public:
         out.set_type({storage_type(), Float(32)});
     }
 
-    // How elements are stored: element_type, except on OpenCL without cl_half,
-    // where 16-bit floats travel as their bits (uint16).
-    Type storage_type() const {
-        const Target target = get_target();
-        const bool no_half = target.has_feature(Target::OpenCL) && !target.has_feature(Target::CLHalf);
-        return Type(element_type).bits() == 16 && no_half ? UInt(16) : Type(element_type);
-    }
+    Type storage_type() const { return attend::kernel_exprs::storage_type(get_target(), element_type); }
 
     void generate() {
+        check_kernel_abi(arginfos(), attend::kForwardKernelArgNames);
         define_algorithm();
         if (using_autoscheduler()) {
             set_estimates();
@@ -220,7 +152,7 @@ private:
 
         // Masked scores are -FLT_MAX, exactly as the seed's masked_fill: a fully
         // masked row gets uniform weights over all keys.
-        Expr allowed = (!has_mask || mask(key_in, bb) != 0) && (!causal || key <= row + causal_offset);
+        Expr allowed = key_allowed(has_mask, mask(key_in, bb), causal, key, row, causal_offset);
         masked_score(ii, jj, kb, io, hq, bb) = select(allowed, score(ii, jj, kb, io, hq, bb), -FLT_MAX);
 
         rj = RDom(0, BK, "rj");
@@ -234,11 +166,7 @@ private:
         block_sum(ii, kb, io, hq, bb) += weight(ii, rj, kb, io, hq, bb);
 
         // Dropout zeroes weights after the softmax: the sum above keeps them all.
-        auto lit = [](uint32_t x) { return u32(x); };
-        Expr head_key = attend::dropout::head_key<Expr>(seed_lo, seed_hi, cast<uint32_t>(bb), cast<uint32_t>(hq), lit);
-        Expr row_key = attend::dropout::row_key<Expr>(head_key, cast<uint32_t>(row), lit);
-        Expr kept = drop_threshold == u32(0) ||
-                    attend::dropout::uniform24<Expr>(row_key, cast<uint32_t>(key), lit) >= drop_threshold;
+        Expr kept = dropout_kept(seed_lo, seed_hi, bb, hq, row, key, drop_threshold);
         kept_weight(ii, jj, kb, io, hq, bb) = select(kept, weight(ii, jj, kb, io, hq, bb), 0.0f);
 
         block_out(ii, c, kb, io, hq, bb) = 0.0f;
@@ -259,18 +187,6 @@ private:
         Expr block = split * chunk + blocks;
         blocks.where(block < select(skip, below_diagonal, num_blocks));
 
-        // The online-softmax merge of a part (its max, sum and weighted sums of v)
-        // into a running (max, sum, out) state: per key block, and per chunk.
-        auto merge = [&](const Tuple &st, Expr part_max, Expr part_sum, const std::vector<Expr> &part_outs) {
-            Expr m_new = max(st[0], part_max);
-            Expr old_factor = exp2_nonpositive(st[0] - m_new);
-            Expr part_factor = exp2_nonpositive(part_max - m_new);
-            std::vector<Expr> next{m_new, st[1] * old_factor + part_sum * part_factor};
-            for (size_t column = 0; column < part_outs.size(); column++) {
-                next.push_back(st[2 + column] * old_factor + part_outs[column] * part_factor);
-            }
-            return Tuple(next);
-        };
         Expr mb = block_max(ii, block, io, hq, bb);
         Expr lb = block_sum(ii, block, io, hq, bb);
         splits = RDom(0, key_splits, "splits");
@@ -280,11 +196,11 @@ private:
             // One (max, sum, out) state per output column and row.
             state(c, ii, split, io, hq, bb) = Tuple(-FLT_MAX, 0.0f, 0.0f);
             state(c, ii, split, io, hq, bb) =
-                merge(state(c, ii, split, io, hq, bb), mb, lb, {block_out(ii, c, block, io, hq, bb)});
+                merge_softmax_state(state(c, ii, split, io, hq, bb), mb, lb, {block_out(ii, c, block, io, hq, bb)});
             partial(e, c, ii, split, io, hq, bb) = mux(e, Tuple(state(c, ii, split, io, hq, bb)).as_vector());
             auto part = [&](int element) { return partial(element, c, ii, splits, io, hq, bb); };
             merged(c, ii, io, hq, bb) = Tuple(-FLT_MAX, 0.0f, 0.0f);
-            merged(c, ii, io, hq, bb) = merge(merged(c, ii, io, hq, bb), part(0), part(1), {part(2)});
+            merged(c, ii, io, hq, bb) = merge_softmax_state(merged(c, ii, io, hq, bb), part(0), part(1), {part(2)});
             Tuple st = merged(c, in_tile, slot, hq, bb);
             Tuple row_st = merged(0, ii, io, hq, bb);  // every column has the row's max and sum
             row_lse(ii, io, hq, bb) = log_sum_exp(row_st[0], row_st[1]);
@@ -298,7 +214,7 @@ private:
             for (int column = 0; column < DV; column++) {
                 outs.push_back(block_out(ii, column, block, io, hq, bb));
             }
-            state(ii, split, io, hq, bb) = merge(state(ii, split, io, hq, bb), mb, lb, outs);
+            state(ii, split, io, hq, bb) = merge_softmax_state(state(ii, split, io, hq, bb), mb, lb, outs);
             // A chunk's state as one Func over its elements e (a GPU keeps it in one
             // buffer between its two kernels).
             partial(e, ii, split, io, hq, bb) = mux(e, Tuple(state(ii, split, io, hq, bb)).as_vector());
@@ -306,7 +222,7 @@ private:
             std::vector<Expr> part_outs;
             for (int column = 0; column < DV; column++) part_outs.push_back(part(2 + column));
             merged(ii, io, hq, bb) = Tuple(init);
-            merged(ii, io, hq, bb) = merge(merged(ii, io, hq, bb), part(0), part(1), part_outs);
+            merged(ii, io, hq, bb) = merge_softmax_state(merged(ii, io, hq, bb), part(0), part(1), part_outs);
             Tuple st = merged(in_tile, slot, hq, bb);
             std::vector<Expr> columns(st.as_vector().begin() + 2, st.as_vector().end());
             Tuple row_st = merged(ii, io, hq, bb);

@@ -1,5 +1,6 @@
-// The public entry points: turn what the caller gave into views, validate once,
-// run. Everything else lives in validate.cpp, kernels.cpp and merge.cpp.
+// The public entry points: turn what the caller gave into views, validate once
+// (which also selects the kernel), run. Also the small public functions: names
+// and flop counts.
 #include "internal.hpp"
 
 namespace attend {
@@ -22,7 +23,7 @@ void forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const DLTe
              const DLTensor *lse, const Options &options) {
     auto problem = detail::validate(view_of("q", q), view_of("k", k), view_of("v", v), optional_view("mask", mask),
                                     view_of("out", out), optional_view("lse", lse), options);
-    detail::run(problem, options);
+    detail::run_forward(problem, options);
 }
 
 void forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const DLTensor *mask, const DLTensor &out,
@@ -37,7 +38,7 @@ void forward(const HostBuffer &q, const HostBuffer &k, const HostBuffer &v, cons
                                     view_of("v", *v.raw_buffer()), optional_view("mask", *mask.raw_buffer()),
                                     view_of("out", *out.raw_buffer()), optional_view("lse", *lse.raw_buffer()),
                                     options);
-    detail::run(problem, options);
+    detail::run_forward(problem, options);
 }
 
 void forward(const HostBuffer &q, const HostBuffer &k, const HostBuffer &v, const HostBuffer &mask,
@@ -57,6 +58,39 @@ void merge(const HostBuffer &out_a, const HostBuffer &lse_a, int64_t keys_a, con
     detail::merge(view_of("out_a", *out_a.raw_buffer()), view_of("lse_a", *lse_a.raw_buffer()), keys_a,
                   view_of("out_b", *out_b.raw_buffer()), view_of("lse_b", *lse_b.raw_buffer()), keys_b,
                   view_of("out", *out.raw_buffer()), view_of("lse", *lse.raw_buffer()));
+}
+
+const char *to_string(CpuIsa isa) {
+    switch (isa) {
+    case CpuIsa::Auto: return "auto";
+    case CpuIsa::AVX512: return "avx512";
+    case CpuIsa::AVX2: return "avx2";
+    case CpuIsa::Baseline: return "baseline";
+    }
+    return "unknown";
+}
+
+const char *to_string(DType dtype) {
+    switch (dtype) {
+    case DType::Float32: return "float32";
+    case DType::Float16: return "float16";
+    case DType::BFloat16: return "bfloat16";
+    }
+    return "unknown";
+}
+
+const char *to_string(Device device) {
+    switch (device) {
+    case Device::Auto: return "auto";
+    case Device::CPU: return "cpu";
+    case Device::CUDA: return "cuda";
+    case Device::OpenCL: return "opencl";
+    }
+    return "unknown";
+}
+
+double flop_count(int64_t b, int64_t h, int64_t n, int64_t m, int64_t d, int64_t dv, bool causal) {
+    return 2.0 * double(b) * double(h) * double(n) * double(m) * double(d + dv) * (causal ? 0.5 : 1.0);
 }
 
 }  // namespace attend

@@ -17,6 +17,7 @@
 
 #include <HalideRuntimeCuda.h>
 
+#include "device_buffers.hpp"  // CallContext
 #include "internal.hpp"
 
 namespace attend::detail {

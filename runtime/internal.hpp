@@ -1,12 +1,13 @@
 // The runtime's internals: one view of a tensor whatever it came as, the checked
-// problem that validation hands to dispatch, and the kernel call.
+// problem (its kernel selected) that validation hands to the operation's runner,
+// and the CUDA interop those runners use.
 #pragma once
 
 #include <cstdint>
-#include <mutex>
 #include <string>
 
 #include "attend/attend.hpp"
+#include "kernel_table.hpp"
 
 namespace attend::detail {
 
@@ -45,6 +46,7 @@ struct Problem {
     float keep_scale = 1.0f;      // 1 / (1 - p); 0 when p = 1
     uint64_t seed = 0;
     int64_t causal_offset = 0;    // key j is masked for query i when j > i + causal_offset
+    Selection selection;          // the kernel that runs it
     bool empty() const { return b == 0 || h == 0 || n == 0 || dv == 0; }
 };
 
@@ -61,18 +63,8 @@ void validate_merge(const TensorView &out_a, const TensorView &lse_a, int64_t ke
 void merge(const TensorView &out_a, const TensorView &lse_a, int64_t keys_a, const TensorView &out_b,
            const TensorView &lse_b, int64_t keys_b, const TensorView &out, const TensorView &lse);
 
-// Runs the selected kernel; throws attend::Error when it fails.
-void run(const Problem &problem, const Options &options);
-
-// Passed to every kernel as Halide's user_context: errors raised on any thread of
-// the call are collected here (instead of Halide's abort()), and the CUDA hooks
-// read the call's device and stream from it.
-struct CallContext {
-    std::mutex lock;
-    std::string errors;
-    int cuda_device = 0;
-    void *cuda_stream = nullptr;
-};
+// Runs the forward kernel validation selected; throws attend::Error when it fails.
+void run_forward(const Problem &problem, const Options &options);
 
 // CUDA: loads the driver (libcuda.so.1) once per process, and checks that `device`
 // exists and that its context was not broken by a kernel fault; throws

@@ -5,33 +5,20 @@
 #include <cmath>
 #include <sstream>
 
+#include "attend/dlpack_types.hpp"
 #include "attend/dropout_hash.hpp"
+#include "device_buffers.hpp"  // host_readable
 #include "internal.hpp"
+#include "kernel_table.hpp"
 
 namespace attend::detail {
 namespace {
-
-constexpr uint8_t kDLBoolCode = 6;  // kDLBool in DLPack >= 0.8 (this header predates it)
 
 std::string shape_string(const TensorView &t) {
     std::ostringstream s;
     s << "[";
     for (int i = 0; i < t.ndim; i++) s << (i ? ", " : "") << t.shape[i];
     s << "]";
-    return s.str();
-}
-
-std::string dtype_string(DLDataType t) {
-    std::ostringstream s;
-    switch (t.code) {
-    case kDLInt: s << "int" << int(t.bits); break;
-    case kDLUInt: s << "uint" << int(t.bits); break;
-    case kDLFloat: s << "float" << int(t.bits); break;
-    case kDLBfloat: s << "bfloat" << int(t.bits); break;
-    case kDLBoolCode: s << "bool"; break;
-    default: s << "dtype code " << int(t.code) << " (" << int(t.bits) << " bits)";
-    }
-    if (t.lanes != 1) s << "x" << t.lanes;
     return s.str();
 }
 
@@ -47,8 +34,8 @@ std::string device_string(DLDevice d) {
 
 [[noreturn]] void fail(const std::string &message) { throw std::invalid_argument("attend: " + message); }
 
-bool is_float32(DLDataType t) { return t.code == kDLFloat && t.bits == 32 && t.lanes == 1; }
-bool is_mask_type(DLDataType t) { return (t.code == kDLBoolCode || t.code == kDLUInt) && t.bits == 8 && t.lanes == 1; }
+using dlpack::is_float32;
+using dlpack::is_mask_type;
 
 int64_t element_count(const TensorView &t) {
     int64_t count = 1;
@@ -108,16 +95,13 @@ void check_basic(const TensorView &t, std::initializer_list<int> ranks, const ch
 
 // q's element type as a DType; throws unless float32, float16 or bfloat16.
 DType element_type(const TensorView &q) {
-    const DLDataType t = q.dtype;
-    if (t.lanes == 1 && t.code == kDLFloat && t.bits == 32) return DType::Float32;
-    if (t.lanes == 1 && t.code == kDLFloat && t.bits == 16) return DType::Float16;
-    if (t.lanes == 1 && t.code == kDLBfloat && t.bits == 16) return DType::BFloat16;
-    fail(std::string(q.name) + ": expected dtype float32, float16 or bfloat16, got " + dtype_string(t));
+    if (auto dtype = dlpack::dtype_of(q.dtype)) return *dtype;
+    fail(std::string(q.name) + ": expected dtype float32, float16 or bfloat16, got " + dlpack::name_of(q.dtype));
 }
 
 void check_float32(const TensorView &t) {
     if (!is_float32(t.dtype)) {
-        fail(std::string(t.name) + ": expected dtype float32, got " + dtype_string(t.dtype));
+        fail(std::string(t.name) + ": expected dtype float32, got " + dlpack::name_of(t.dtype));
     }
 }
 
@@ -266,13 +250,7 @@ TensorView view_of(const char *name, const halide_buffer_t &b) {
     v.name = name;
     v.present = true;
     v.data = b.host;
-    v.dtype.code = b.type.code == halide_type_float  ? kDLFloat
-                   : b.type.code == halide_type_int  ? kDLInt
-                   : b.type.code == halide_type_uint ? kDLUInt
-                                                     : kDLBfloat;
-    v.dtype.bits = b.type.bits == 1 ? 8 : b.type.bits;  // Halide's bool is one byte
-    if (b.type.code == halide_type_uint && b.type.bits == 1) v.dtype.code = kDLBoolCode;
-    v.dtype.lanes = b.type.lanes;
+    v.dtype = dlpack::from_halide(b.type);
     v.on_device_only = b.device_interface != nullptr && (b.flags & halide_buffer_flag_device_dirty) != 0;
     v.halide = &b;
     if (b.device && b.device_interface) {
@@ -306,13 +284,13 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
     const DType dtype = element_type(q);
     for (const TensorView *t : {&k, &v, &out}) {
         if (t->dtype.code != q.dtype.code || t->dtype.bits != q.dtype.bits || t->dtype.lanes != q.dtype.lanes) {
-            fail(std::string(t->name) + ": dtype " + dtype_string(t->dtype) + " differs from q's " +
-                 dtype_string(q.dtype) + "; q, k, v and out must have one dtype");
+            fail(std::string(t->name) + ": dtype " + dlpack::name_of(t->dtype) + " differs from q's " +
+                 dlpack::name_of(q.dtype) + "; q, k, v and out must have one dtype");
         }
     }
     if (lse.present) check_float32(lse);
     if (mask.present && !is_mask_type(mask.dtype)) {
-        fail(std::string("mask: expected dtype bool (or uint8), got ") + dtype_string(mask.dtype));
+        fail(std::string("mask: expected dtype bool (or uint8), got ") + dlpack::name_of(mask.dtype));
     }
     const Device run_on = check_device({&q, &k, &v, &out, &mask, &lse}, options);
     if (k.ndim != v.ndim) {
@@ -395,6 +373,31 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
     p.keep_scale = !dropout ? 1.0f : options.dropout < 1.0f ? float(1.0 / (1.0 - double(options.dropout))) : 0.0f;
     p.features = Features{mask.present, options.causal, p.drop_threshold > 0};
     p.causal_offset = options.causal_align == CausalAlign::BottomRight ? p.m - p.n : 0;
+
+    // The kernel, checked against everything above.
+    KernelRequest request;
+    request.operation = Operation::Forward;
+    request.device = p.device;
+    request.dtype = p.dtype;
+    request.head_dim = p.d;
+    request.value_dim = p.dv;
+    request.features = p.features;
+    request.kernel = options.kernel;
+    request.cpu_isa = options.cpu_isa;
+    std::string why_not;
+    auto selection = select(request, &why_not);
+    if (!selection) fail(why_not);
+    p.selection = *selection;
+    const KernelEntry &kernel = *p.selection.kernel;
+    if (p.selection.pad && !p.empty()) {
+        for (const TensorView *t : {&p.q, &p.k, &p.v, &p.out}) {
+            if (!host_readable(*t)) {
+                fail(std::string(t->name) + ": " + kernel.name + " runs d = dv = " + std::to_string(kernel.head_dim) +
+                     "; other head dims (d=" + std::to_string(p.d) + ", dv=" + std::to_string(p.dv) +
+                     ") are padded on the host, so they need host tensors");
+            }
+        }
+    }
     return p;
 }
 

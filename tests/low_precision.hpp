@@ -3,6 +3,7 @@
 // same call on 16-bit tensors, and the comparison with its dtype's tolerance.
 #pragma once
 
+#include "attend/dlpack_types.hpp"
 #include "attend/half.hpp"
 #include "support.hpp"
 
@@ -23,7 +24,7 @@ inline Tensor<uint16_t> to_dtype(const Tensor<float> &t, DType dtype) {
     u.shape = t.shape;
     u.strides = t.strides;
     u.offset = t.offset;
-    u.dtype = dlpack_type(dtype);
+    u.dtype = dlpack::type_of(dtype);
     for (float x : t.storage) u.storage.push_back(float_to_bits(x, dtype));
     return u;
 }

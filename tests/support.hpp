@@ -17,6 +17,7 @@
 #include <doctest/doctest.h>
 
 #include "attend/attend.hpp"
+#include "attend/dlpack_types.hpp"
 #include "attend/reference.hpp"
 
 namespace attend::test {
@@ -116,7 +117,7 @@ inline std::vector<DType> built_16bit_dtypes() {
 }
 
 inline DLDataType float32_type() { return DLDataType{kDLFloat, 32, 1}; }
-inline DLDataType bool_type() { return DLDataType{6 /* kDLBool */, 8, 1}; }
+inline DLDataType bool_type() { return dlpack::kBool; }
 
 // A dense tensor, C order, or with its dims laid out in memory in `memory_order`
 // (a permutation, outermost first), e.g. {0, 2, 1, 3}: [b, n, h, d] memory seen as [b, h, n, d].

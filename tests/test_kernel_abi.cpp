@@ -1,7 +1,5 @@
 // attend::add_kernel: a kernel generated outside the build (how `attend tune`
 // runs its candidates) goes through the same validation and marshalling.
-#include <dlfcn.h>
-
 #include "attend/kernel_abi.hpp"
 #include "support.hpp"
 
@@ -10,29 +8,38 @@ using namespace attend::test;
 
 namespace {
 
-// Built kernels of this build (baseline target), reached by their symbols as a
-// generated library outside it would be: one specialised, and the generic one.
-const int kDim = int(built_among({32})[0]);
-KernelFunction built_function(const std::string &name) {
-    auto function = reinterpret_cast<KernelFunction>(dlsym(RTLD_DEFAULT, name.c_str()));
-    if (!function) FAIL(name << " is not exported by libattend");
-    return function;
-}
-KernelFunction specialised() { return built_function("attend_cpu_d" + std::to_string(kDim) + "_baseline"); }
+// Two kernels of this build (baseline target), linked into this program as a
+// library generated outside the build would be: their own code, calling
+// libattend's Halide runtime (tests/CMakeLists.txt links their archives, not
+// their runtime). libattend itself does not export its kernels.
+extern "C" int ATTEND_TEST_ABI_SPECIALISED ATTEND_FORWARD_KERNEL_PARAMS;
+extern "C" int ATTEND_TEST_ABI_GENERIC ATTEND_FORWARD_KERNEL_PARAMS;
+const int kDim = ATTEND_TEST_ABI_DIM;
+ForwardKernel specialised() { return ATTEND_TEST_ABI_SPECIALISED; }
 const std::string kAdded = "added_d" + std::to_string(kDim);
+
+// A float32 kernel's description for add_kernel.
+KernelInfo info(std::string name, int head_dim, Device device = Device::CPU, Operation operation = Operation::Forward) {
+    KernelInfo i;
+    i.name = std::move(name);
+    i.head_dim = head_dim;
+    i.device = device;
+    i.operation = operation;
+    return i;
+}
 
 // A kernel that returns success without writing anything.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-parameter"
-int writes_nothing ATTEND_KERNEL_PARAMS { return 0; }
+int writes_nothing ATTEND_FORWARD_KERNEL_PARAMS { return 0; }
 #pragma GCC diagnostic pop
 
 void register_once() {
     static bool done = [] {
-        add_kernel(KernelInfo{kAdded, Device::CPU, kDim, DType::Float32}, specialised());
-        add_kernel(KernelInfo{"added_generic", Device::CPU, 0, DType::Float32},
-                   built_function("attend_cpu_generic_baseline"));
-        add_kernel(KernelInfo{"writes_nothing", Device::CPU, kDim, DType::Float32}, writes_nothing);
+        add_kernel(info(kAdded, kDim, Device::CPU), specialised());
+        add_kernel(info("added_generic", 0, Device::CPU),
+                   ATTEND_TEST_ABI_GENERIC);
+        add_kernel(info("writes_nothing", kDim, Device::CPU), writes_nothing);
         return true;
     }();
     (void)done;
@@ -74,23 +81,24 @@ TEST_CASE("add_kernel: the runtime really calls the added function") {
 
 TEST_CASE("add_kernel and Options::kernel reject bad registrations and calls, naming the argument") {
     register_once();
-    auto rejects = [](const KernelInfo &info, KernelFunction f, const std::string &what) {
+    auto rejects = [](const KernelInfo &kernel_info, ForwardKernel f, const std::string &what) {
         INFO(what);
         try {
-            add_kernel(info, f);
+            add_kernel(kernel_info, f);
             FAIL("accepted");
         } catch (const std::invalid_argument &e) {
             CHECK(std::string(e.what()).find(what) != std::string::npos);
         }
     };
-    const KernelFunction f = specialised();
+    const ForwardKernel f = specialised();
     const std::string built = "attend_cpu_d" + std::to_string(kDim);
-    rejects({"", Device::CPU, kDim, DType::Float32}, f, "info.name: must not be empty");
-    rejects({kAdded, Device::CPU, kDim, DType::Float32}, f, "'" + kAdded + "' exists");
-    rejects({built, Device::CPU, kDim, DType::Float32}, f, "'" + built + "' exists");
-    rejects({"on_gpu", Device::CUDA, kDim, DType::Float32}, f, "info.device: only CPU");
-    rejects({"negative", Device::CPU, -1, DType::Float32}, f, "info.head_dim");
-    rejects({"null", Device::CPU, kDim, DType::Float32}, nullptr, "function: must not be null");
+    rejects(info("", kDim, Device::CPU), f, "info.name: must not be empty");
+    rejects(info(kAdded, kDim, Device::CPU), f, "'" + kAdded + "' exists");
+    rejects(info(built, kDim, Device::CPU), f, "'" + built + "' exists");
+    rejects(info("on_gpu", kDim, Device::CUDA), f, "info.device: only CPU");
+    rejects(info("negative", -1, Device::CPU), f, "info.head_dim");
+    rejects(info("unknown_op", kDim, Device::CPU, Operation(7)), f, "info.operation");
+    rejects(info("null", kDim, Device::CPU), nullptr, "function: must not be null");
 
     auto p = make_problem(spec_of(1, 1, 5, 5, kDim * 2));
     p.options.kernel = kAdded;

@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <cfloat>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -29,6 +28,7 @@
 #include "attend/attend.hpp"
 #include "attend/kernel_abi.hpp"
 #include "attend/reference.hpp"
+#include "timing.hpp"
 
 namespace {
 
@@ -180,9 +180,12 @@ int probe(int argc, char **argv) {
         const std::string library = spec.substr(0, colon), function = spec.substr(colon + 1);
         void *handle = dlopen(library.c_str(), RTLD_NOW | RTLD_LOCAL);
         if (!handle) throw std::runtime_error("LIBRARY: cannot load " + library + ": " + dlerror());
-        auto kernel = reinterpret_cast<KernelFunction>(dlsym(handle, function.c_str()));
+        auto kernel = reinterpret_cast<ForwardKernel>(dlsym(handle, function.c_str()));
         if (!kernel) throw std::runtime_error("FUNCTION: " + library + " has no function " + function);
-        add_kernel(KernelInfo{"candidate" + std::to_string(functions.size()), Device::CPU, head_dim, DType::Float32}, kernel);
+        KernelInfo info;
+        info.name = "candidate" + std::to_string(functions.size());
+        info.head_dim = head_dim;
+        add_kernel(info, kernel);
         functions.push_back(function);
     }
 
@@ -220,9 +223,7 @@ int probe(int argc, char **argv) {
                 Options options;
                 options.kernel = "candidate" + std::to_string(c);
                 options.causal = shape.causal;
-                auto start = std::chrono::steady_clock::now();
-                forward(dq, dk, dv, nullptr, dout, options);
-                double elapsed = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+                const double elapsed = timing::milliseconds([&] { forward(dq, dk, dv, nullptr, dout, options); });
                 if (round > 0) {  // the first round warms up
                     ms[c].push_back(elapsed);
                     total_ms += elapsed;

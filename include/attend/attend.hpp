@@ -55,6 +55,8 @@
 #include <HalideBuffer.h>
 #include <dlpack/dlpack.h>
 
+#include "attend/kernel_abi.hpp"  // Operation, the kernels' signatures
+
 #if defined(_WIN32)
 #define ATTEND_API __declspec(dllexport)
 #else
@@ -94,7 +96,7 @@ struct Options {
 };
 
 // A failure while running a kernel (Halide runtime error, out of memory).
-class Error : public std::runtime_error {
+class ATTEND_API Error : public std::runtime_error {
 public:
     using std::runtime_error::runtime_error;
 };
@@ -111,10 +113,34 @@ struct KernelInfo {
     Device device = Device::CPU;
     int head_dim = 0;  // 0: generic (any d and dv); else d == dv == head_dim
     DType dtype = DType::Float32;  // of q, k, v and out
+    Operation operation = Operation::Forward;
+    std::vector<CpuIsa> cpu_isas;  // a CPU kernel's built targets, best first (empty for GPU and added kernels)
 };
 
-// The one decision of which kernel runs a call: answers "is this supported?"
-// (nullopt, with the reason in *why_not) and "which kernel" for forward().
+// What a call asks of the kernels.
+struct KernelRequest {
+    Operation operation = Operation::Forward;
+    Device device = Device::CPU;  // Auto: host tensors, so CPU
+    DType dtype = DType::Float32;
+    int64_t head_dim = 0, value_dim = 0;  // d and dv
+    Features features;
+    std::string kernel;            // Options::kernel: a kernel forced by name; empty: the choice is made here
+    CpuIsa cpu_isa = CpuIsa::Auto;  // Options::cpu_isa
+};
+
+// What runs it.
+struct KernelChoice {
+    KernelInfo kernel;
+    CpuIsa cpu_isa = CpuIsa::Auto;  // the target of a CPU kernel that runs (Auto for GPU and added kernels)
+    bool padded = false;            // d and dv run zero-padded to the kernel's head dim (GPU; host tensors only)
+};
+
+// The one decision of which kernel runs a call, the one forward() makes: answers
+// "is this supported?" (nullopt, with the reason in *why_not) and "which kernel,
+// which CPU target, padded or not". A forced kernel (request.kernel) is checked
+// against the request instead of chosen.
+ATTEND_API std::optional<KernelChoice> select_kernel(const KernelRequest &request, std::string *why_not = nullptr);
+// The same for a forward call with no forced kernel, answering with the kernel only.
 ATTEND_API std::optional<KernelInfo> select_kernel(Device device, DType dtype, int64_t head_dim, int64_t value_dim,
                                                    Features features, std::string *why_not = nullptr);
 
@@ -170,6 +196,16 @@ ATTEND_API void merge(const Halide::Runtime::Buffer<const void> &out_a,
                       const Halide::Runtime::Buffer<const void> &out_b,
                       const Halide::Runtime::Buffer<const void> &lse_b, int64_t keys_b,
                       const Halide::Runtime::Buffer<void> &out, const Halide::Runtime::Buffer<void> &lse);
+
+// Adds a CPU forward kernel (generated for this machine with the `-user_context`
+// target feature, and linked against libattend's Halide runtime: `-no_runtime`)
+// under info.name: how `attend tune` (tools/tune.py) runs its candidates, loaded
+// with dlopen, through the same validation and marshalling as a built-in kernel.
+// Options::kernel = info.name runs it; select_kernel never picks it, and
+// options.cpu_isa must stay Auto. Throws std::invalid_argument when the name is
+// empty or taken, the device is not CPU, the operation is not Forward, or
+// function is null. Kernels stay registered until the process ends.
+ATTEND_API void add_kernel(const KernelInfo &info, ForwardKernel function);
 
 // Floating-point operations of one call, as benchmarks count them: 2·b·h·n·m·(d + dv)
 // for the two matrix products (4·b·h·n·m·d when dv = d), halved for causal.

@@ -61,11 +61,4 @@ inline float bits_to_float(uint16_t bits, DType dtype) {
     return dtype == DType::BFloat16 ? bfloat16_bits_to_float(bits) : float16_bits_to_float(bits);
 }
 
-// DLPack's name for a DType.
-inline DLDataType dlpack_type(DType dtype) {
-    return dtype == DType::Float32   ? DLDataType{kDLFloat, 32, 1}
-           : dtype == DType::Float16 ? DLDataType{kDLFloat, 16, 1}
-                                     : DLDataType{kDLBfloat, 16, 1};
-}
-
 }  // namespace attend

@@ -1,30 +1,64 @@
-// The C signature of every kernel that generators/attention_generator.cpp makes
-// (its inputs in order, then the two outputs), and a way to run a kernel generated
-// outside this build through the same runtime: `attend tune` (tools/tune.py)
-// generates candidate schedules, loads each with dlopen and registers it here, so
-// a candidate is validated, marshalled and timed exactly as a built-in kernel.
+// The kernel ABI: the C signature of the generated kernels of each operation,
+// written once. The generator checks its Inputs and Outputs against the names
+// here when it runs (a mismatch fails the build), the runtime's kernel table
+// checks each generated function's type against the signature at compile time,
+// and the runtime fills the argument struct in one function per operation.
+//
+// This header has no dependencies: the generators include it too.
 #pragma once
 
-#include <HalideRuntime.h>
+#include <cstdint>
 
-#include "attend/attend.hpp"
-
-#define ATTEND_KERNEL_PARAMS                                                                                    \
-    (const void *user_context, halide_buffer_t *q, halide_buffer_t *k, halide_buffer_t *v, halide_buffer_t *mask, \
-     float scale, bool causal, bool has_mask, uint32_t drop_threshold, float keep_scale, uint32_t seed_lo,      \
-     uint32_t seed_hi, int32_t causal_offset, int32_t all_keys_rows, int32_t key_splits, halide_buffer_t *out, \
-     halide_buffer_t *lse)
+struct halide_buffer_t;
 
 namespace attend {
 
-using KernelFunction = int(*) ATTEND_KERNEL_PARAMS;
+enum class Operation { Forward };
 
-// Adds a CPU kernel (generated for this machine with the `-user_context` target
-// feature, and linked against libattend's Halide runtime: `-no_runtime`) under
-// info.name. Options::kernel = info.name runs it; select_kernel never picks it,
-// and options.cpu_isa must stay Auto. Throws std::invalid_argument when the name is
-// empty or taken, the device is not CPU, or function is null. Kernels stay
-// registered until the process ends.
-ATTEND_API void add_kernel(const KernelInfo &info, KernelFunction function);
+// forward: out = softmax(masked scale q kᵀ, with dropout) v, and lse (see attend.hpp).
+// q, k, v, mask and out are Halide buffers in Halide's dim order; lse is out's
+// second value (the kernels write out as a Tuple of (attention, lse)).
+struct ForwardKernelArgs {
+    halide_buffer_t *q = nullptr, *k = nullptr, *v = nullptr;
+    halide_buffer_t *mask = nullptr;  // read only when has_mask
+    float scale = 1.0f;               // applied to q kᵀ
+    bool causal = false;
+    bool has_mask = false;
+    uint32_t drop_threshold = 0;  // weights whose 24-bit hash is below it are dropped; 0: no dropout
+    float keep_scale = 1.0f;      // 1 / (1 - p); 0 when p = 1
+    uint32_t seed_lo = 0, seed_hi = 0;
+    int32_t causal_offset = 0;  // causal masks key j for query i when j > i + causal_offset
+    int32_t all_keys_rows = 0;  // causal: rows below it may have every key masked (their tiles visit every key)
+    int32_t key_splits = 1;     // chunks of keys computed in parallel and merged (GPU)
+    halide_buffer_t *out = nullptr, *lse = nullptr;
+};
+
+// The generated signature: user_context, then the fields above in order.
+#define ATTEND_FORWARD_KERNEL_PARAMS                                                                             \
+    (const void *user_context, halide_buffer_t *q, halide_buffer_t *k, halide_buffer_t *v, halide_buffer_t *mask, \
+     float scale, bool causal, bool has_mask, uint32_t drop_threshold, float keep_scale, uint32_t seed_lo,      \
+     uint32_t seed_hi, int32_t causal_offset, int32_t all_keys_rows, int32_t key_splits, halide_buffer_t *out,  \
+     halide_buffer_t *lse)
+using ForwardKernel = int(*) ATTEND_FORWARD_KERNEL_PARAMS;
+
+// The generator's Inputs, then its Output, by name (out is the Tuple of out and lse).
+inline constexpr const char *kForwardKernelArgNames[] = {
+    "q", "k", "v", "mask", "scale", "causal", "has_mask", "drop_threshold", "keep_scale",
+    "seed_lo", "seed_hi", "causal_offset", "all_keys_rows", "key_splits", "out"};
+
+// The one place the struct becomes positional arguments.
+inline int call(ForwardKernel kernel, const void *user_context, const ForwardKernelArgs &a) {
+    return kernel(user_context, a.q, a.k, a.v, a.mask, a.scale, a.causal, a.has_mask, a.drop_threshold, a.keep_scale,
+                  a.seed_lo, a.seed_hi, a.causal_offset, a.all_keys_rows, a.key_splits, a.out, a.lse);
+}
+
+// The function type of each operation's kernels (the table checks the generated
+// functions against it).
+template <Operation>
+struct KernelSignature;
+template <>
+struct KernelSignature<Operation::Forward> {
+    using type = ForwardKernel;
+};
 
 }  // namespace attend

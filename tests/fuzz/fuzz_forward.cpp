@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "attend/attend.hpp"
+#include "attend/dlpack_types.hpp"
 #if ATTEND_FUZZ_FAKE_CUDA
 #include "../fake_cuda/fake_cuda.h"
 #endif
@@ -83,8 +84,7 @@ struct FuzzTensor {
         }
         halide_buffer_t b{};
         b.host = null_data || storage.empty() ? nullptr : storage.data() + byte_offset;
-        b.type = halide_type_t(halide_type_code_t(dtype.code == 6 ? halide_type_uint : dtype.code % 4),
-                               uint8_t(dtype.code == 6 ? 1 : dtype.bits), uint16_t(dtype.lanes));
+        b.type = attend::dlpack::to_halide(dtype);
         b.dimensions = int32_t(shape.size());
         b.dim = halide_dims.data();
         return b;
@@ -132,7 +132,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     const int64_t dv = in.ConsumeBool() ? d : head_dims[in.ConsumeIntegralInRange(0, 9)];
     const int kv_mode = in.ConsumeIntegralInRange(0, 3);  // per head, grouped, multi-query, arbitrary
     const int64_t hk = kv_mode == 0 ? h : kv_mode == 1 ? std::max<int64_t>(1, h / 2) : in.ConsumeIntegralInRange(0, 5);
-    const DLDataType f32{kDLFloat, 32, 1}, boolean{6, 8, 1};
+    const DLDataType f32{kDLFloat, 32, 1}, boolean = attend::dlpack::kBool;
 
     std::vector<int64_t> kv_shape = kv_mode == 2 ? std::vector<int64_t>{b, m, d} : std::vector<int64_t>{b, hk, m, d};
     std::vector<int64_t> v_shape = kv_shape;

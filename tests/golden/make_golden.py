@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Generate golden test data for Attend from the original PyTorch module.
 
-The original `Attend` module (naturalspeech2-pytorch, attend.py) lives in the
-seed file shared/seed/000_edd5e010b2cbceaa.txt, a markdown-ish file whose
-Python code sits between the first pair of ``` fence lines. This script reads
+The original `Attend` module (naturalspeech2-pytorch, attend.py) comes from the
+seed file (000_edd5e010b2cbceaa.txt, not part of this repository), a
+markdown-ish file whose Python code sits between the first pair of ``` fence
+lines: its path is the first argument, else $ATTEND_SEED_FILE. This script reads
 that code, exec's it into a private namespace (the module's code is not
 copied into this repository), builds Attend(dropout=0., causal=..,
 use_flash=False) in eval mode and runs its math path in float32 on CPU on a
@@ -13,7 +14,8 @@ Output: tests/golden/data/<case>/{q,k,v[,mask],out}.npy and
 tests/golden/data/cases.json. Re-running gives byte-identical files.
 
 Usage:
-    .venv-golden/bin/python tests/golden/make_golden.py [SEED_FILE] [--out DIR]
+    ATTEND_SEED_FILE=/path/to/000_edd5e010b2cbceaa.txt .venv-golden/bin/python tests/golden/make_golden.py [--out DIR]
+    .venv-golden/bin/python tests/golden/make_golden.py SEED_FILE [--out DIR]
 """
 import argparse
 import json
@@ -26,7 +28,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent / "tools"))
-from seed_module import DEFAULT_SEED, load_attend  # noqa: E402
+from seed_module import ENV_VAR, SeedFileError, load_attend  # noqa: E402
 
 DEFAULT_OUT = HERE / "data"
 
@@ -102,13 +104,16 @@ def run_case(Attend, c):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("seed_file", nargs="?", default=str(DEFAULT_SEED),
-                    help="path to the seed file holding the original attend.py (default: %(default)s)")
+    ap.add_argument("seed_file", nargs="?", default=None,
+                    help=f"path to the seed file holding the original attend.py (default: ${ENV_VAR})")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: %(default)s)")
     args = ap.parse_args()
 
     torch.set_num_threads(1)  # deterministic float32 reductions
-    Attend = load_attend(Path(args.seed_file))
+    try:
+        Attend = load_attend(args.seed_file)
+    except SeedFileError as error:
+        sys.exit(f"make_golden: {error}")
 
     out_dir = Path(args.out)
     if out_dir.exists():

@@ -1,0 +1,169 @@
+// The forward call: from a validated Problem (its kernel already selected) to
+// the kernel's arguments, then one kernel call.
+#include <algorithm>
+
+#include "attend/kernel_abi.hpp"
+#include "device_buffers.hpp"
+#include "internal.hpp"
+#include "kernel_table.hpp"
+
+namespace attend::detail {
+namespace {
+
+// How many chunks of keys run in parallel (GPU). A GPU wants thousands of thread
+// blocks; with few query tiles (short sequences, few heads) the keys are cut into
+// chunks until there are about kTargetBlocks, each chunk at least kMinChunk keys.
+int32_t key_splits_for(const Problem &p, const Options &options) {
+    if (options.key_splits > 0) return options.key_splits;
+    if (p.selection.kernel->device == Device::CPU) return 1;  // the CPU's parallel loop is over tiles already
+    const int64_t kTargetBlocks = 4096, kMinChunk = 256, kRowsPerBlock = 32;
+    const int64_t blocks = (p.n + kRowsPerBlock - 1) / kRowsPerBlock * p.h * p.b;
+    const int64_t wanted = (kTargetBlocks + blocks - 1) / blocks;
+    return int32_t(std::clamp<int64_t>(std::min(wanted, p.m / kMinChunk), 1, 64));
+}
+
+// Causal: rows whose keys up to the diagonal are all masked (i + offset below a
+// batch's first unmasked key, or below 0) get uniform weights over every key, so
+// their tiles visit every key block; the others skip blocks above the diagonal.
+// A mask only on the device is not scanned: every tile visits every block.
+int64_t all_keys_rows_of(const Problem &p) {
+    int64_t first_unmasked = 0;
+    if (p.features.causal && p.features.mask) {
+        if (host_readable(p.mask)) {
+            const auto *bytes = static_cast<const uint8_t *>(p.mask.data);
+            for (int64_t b = 0; b < p.b; b++) {
+                int64_t first = 0;
+                while (first < p.m && bytes[b * p.mask.strides[0] + first * p.mask.strides[1]] == 0) first++;
+                first_unmasked = std::max(first_unmasked, first);
+            }
+        } else {
+            first_unmasked = p.m + p.n;
+        }
+    }
+    return std::clamp(first_unmasked - p.causal_offset, int64_t(0), p.n);
+}
+
+// The kernels write lse as the second value of out (c, i, h, b): they get lse
+// [b, h, n] seen as [b, h, n, width] with stride 0 in the last dim. Without a
+// caller's lse, or when its result is staged, lse is dense: on the CPU or
+// staged in `scratch`, else in device memory that Halide allocates during the
+// call (data null).
+TensorView lse_for_kernel(const Problem &p, int64_t width, bool staged, std::vector<float> &scratch) {
+    TensorView t = p.lse;
+    if (!p.lse.present || staged) {
+        t = TensorView();
+        t.present = p.lse.present;
+        t.name = "lse";
+        t.dtype = DLDataType{kDLFloat, 32, 1};
+        t.shape[0] = p.b;
+        t.shape[1] = p.h;
+        t.shape[2] = p.n;
+        t.strides[0] = p.h * p.n;
+        t.strides[1] = p.n;
+        t.strides[2] = 1;
+        if (p.selection.kernel->device == Device::CPU || staged) {
+            scratch.assign(size_t(p.b * p.h * p.n), 0.0f);
+            t.data = scratch.data();
+        }
+    }
+    t.ndim = 4;
+    t.shape[3] = width;
+    t.strides[3] = 0;
+    return t;
+}
+
+// Without a mask the kernels still take one, never read: a single byte seen as
+// [b, m] by strides 0; on a GPU one uninitialised byte of device memory (Halide
+// would copy a host one element by element, and its contents do not matter).
+TensorView mask_for_kernel(const Problem &p, uint8_t *host_byte) {
+    if (p.mask.present) return p.mask;
+    TensorView t;
+    t.name = "mask";
+    t.ndim = 2;
+    t.data = p.selection.kernel->device == Device::CPU ? host_byte : nullptr;
+    t.shape[0] = p.b;
+    t.shape[1] = p.m;
+    return t;
+}
+
+// The kernel ABI's arguments from the problem (the only place they are filled).
+ForwardKernelArgs forward_args(const Problem &p, const Options &options) {
+    ForwardKernelArgs a;
+    a.scale = p.scale;
+    a.causal = p.features.causal;
+    a.has_mask = p.features.mask;
+    a.drop_threshold = p.drop_threshold;
+    a.keep_scale = p.keep_scale;
+    a.seed_lo = uint32_t(p.seed);
+    a.seed_hi = uint32_t(p.seed >> 32);
+    a.causal_offset = int32_t(p.causal_offset);
+    a.all_keys_rows = int32_t(all_keys_rows_of(p));
+    a.key_splits = key_splits_for(p, options);
+    return a;
+}
+
+}  // namespace
+
+void run_forward(const Problem &p, const Options &options) {
+    if (p.empty()) return;
+    const KernelEntry &kernel = *p.selection.kernel;
+    const bool gpu = kernel.device != Device::CPU;
+    const size_t bytes = kernel.element.bytes();
+
+    // k and v are read in the hot loops, which need their head dim dense. A
+    // padded call runs on zero-padded dense copies. A GPU call's host results are
+    // staged: copied back into scratch memory, and into the caller's only once
+    // every step succeeded, so that a step failing part-way leaves out and lse
+    // untouched.
+    std::vector<uint8_t> q_storage, k_storage, v_storage, out_storage;
+    TensorView q = p.q, k = p.k, v = p.v, out = p.out;
+    const bool stage_out = p.selection.pad || (gpu && result_to_host(p.out));
+    const bool stage_lse = gpu && result_to_host(p.lse);
+    if (p.selection.pad) {
+        q = dense_copy(p.q, kernel.head_dim, bytes, q_storage);
+        k = dense_copy(p.k, kernel.head_dim, bytes, k_storage);
+        v = dense_copy(p.v, kernel.head_dim, bytes, v_storage);
+        out = zeros(p.out, kernel.head_dim, bytes, out_storage);
+    } else {
+        k = dense_last_dim(p.k, bytes, k_storage);
+        v = dense_last_dim(p.v, bytes, v_storage);
+        if (stage_out) out = zeros(p.out, p.dv, bytes, out_storage);
+    }
+    uint8_t no_mask = 1;
+    const TensorView mask = mask_for_kernel(p, &no_mask);
+    std::vector<float> lse_scratch;
+    const TensorView lse = lse_for_kernel(p, out.shape[3], stage_lse, lse_scratch);
+
+    const halide_type_t f32(halide_type_float, 32), u8(halide_type_uint, 8);
+    KernelBuffer q_buf(q, kernel.element), k_buf(k, kernel.element), v_buf(v, kernel.element), mask_buf(mask, u8),
+        out_buf(out, kernel.element), lse_buf(lse, f32);
+    out_buf.is_output = lse_buf.is_output = true;
+    out_buf.to_host = stage_out;
+    lse_buf.to_host = stage_lse;
+
+    ForwardKernelArgs args = forward_args(p, options);
+    args.q = &q_buf.buffer;
+    args.k = &k_buf.buffer;
+    args.v = &v_buf.buffer;
+    args.mask = &mask_buf.buffer;
+    args.out = &out_buf.buffer;
+    args.lse = &lse_buf.buffer;
+    const ForwardKernel function = p.selection.function_for<Operation::Forward>();
+    run_kernel(kernel.name, kernel.device, p.device_id, options.cuda_stream,
+               {&q_buf, &k_buf, &v_buf, &mask_buf, &out_buf, &lse_buf},
+               [&](void *user_context) { return call(function, user_context, args); });
+
+    if (stage_out) copy_into(out, p.out, bytes);
+    if (stage_lse) {
+        TensorView into = p.lse;  // [b, h, n] as the [b, h, n, 1] copy_into takes
+        into.shape[3] = 1;
+        into.strides[3] = 1;
+        copy_into(lse, into, sizeof(float));
+    }
+    if (!gpu) {
+        mark_host_written(p.out);
+        mark_host_written(p.lse);
+    }
+}
+
+}  // namespace attend::detail
