@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Every check that needs an NVIDIA GPU, in one pass (GPU time is scarce: run it once),
 # the correctness checks first, so that a run cut short loses figures, not them:
-#   1. the CUDA tests (tests/test_gpu.cpp --device=cuda: oracle, CPU dropout masks,
+#   1. the registers and local (spill) bytes the driver compiled each CUDA kernel
+#      function into (attend kernels --device cuda) beside ptxas's figures
+#      (bench/cuda_kernel_report.py), then
+#      the CUDA tests (tests/test_gpu.cpp --device=cuda: oracle, CPU dropout masks,
 #      Halide device buffers, the caller's context and stream, device out of
 #      memory), then the kernel-fault test in a process of its own
 #   2. compute-sanitizer on one small shape: racecheck with the d=64 variants and
@@ -70,6 +73,18 @@ step "machine"
 "$ATTEND" kernels >"$OUT/kernels.txt" 2>&1
 
 step "1. $DEVICE tests"
+if [ "$DEVICE" = cuda ]; then
+    # What the driver compiled each kernel function into (registers, local bytes:
+    # spills show here, JIT register limit), next to what ptxas makes of the same PTX.
+    check registers "$ATTEND" kernels --device cuda
+    awk 'NR > 1 && $4 ~ /^[0-9]+$/ && $4 > 0 { spills++; print "  local memory: " $0 } END { print "functions with local memory (spills): " spills + 0 }' \
+        "$OUT/registers.log" | tail -n 6 | tee -a "$OUT/summary.txt"
+    # (needs the kernel objects, build/generators/attend_cuda_*.o, which a carried build may lack)
+    if { command -v ptxas >/dev/null || [ -x /usr/local/cuda/bin/ptxas ]; } &&
+        compgen -G "$BUILD/generators/attend_cuda_*.o" >/dev/null; then
+        check ptxas python3 "$ROOT/bench/cuda_kernel_report.py" --build "$BUILD"
+    fi
+fi
 check tests "$TESTS" --device="$DEVICE"
 tail -n 4 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
 if [ "$DEVICE" = cuda ]; then

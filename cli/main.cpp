@@ -427,7 +427,7 @@ int demo_command() {
     std::printf("%-32s %-9s %-9s %12s %10s %12s\n", "kernel", "dtype", "isa", "max |error|", "median ms", "GFLOP/s");
     bool all_ok = true;
     for (const auto &kernel : available_kernels()) {
-        if (kernel.head_dim != 0 && kernel.head_dim != d) continue;
+        if (kernel.operation != Operation::Forward || (kernel.head_dim != 0 && kernel.head_dim != d)) continue;
         DemoInputs &in = inputs_for(kernel.dtype);
         const DLDataType type = dlpack::type_of(kernel.dtype);
         std::vector<unsigned char> out(in.q_elements.size());
@@ -475,7 +475,52 @@ int demo_command() {
     return all_ok ? 0 : 1;
 }
 
-int kernels_command() {
+// `attend kernels --device cuda`: runs each CUDA kernel of the build once on a
+// small problem, without and with dropout (its two specialisations), so the
+// driver compiles it, then prints what it compiled each function into.
+int cuda_functions_command() {
+    std::string first_error;
+    for (const auto &k : available_kernels()) {
+        if (k.device != Device::CUDA || k.operation != Operation::Forward) continue;
+        std::vector<int64_t> shape{1, 1, 64, k.head_dim};
+        const DLDataType type = dlpack::type_of(k.dtype);
+        std::vector<unsigned char> zeros(size_t(64 * k.head_dim) * 4), out(zeros.size());
+        DLTensor q = dense_dl(zeros.data(), shape, type), o = dense_dl(out.data(), shape, type);
+        for (bool dropout : {false, true}) {
+            Options options;
+            options.device = Device::CUDA;
+            options.kernel = k.name;
+            options.training = dropout;
+            options.dropout = 0.25f;
+            try {
+                forward(q, q, q, nullptr, o, options);
+            } catch (const attend::Error &e) {  // a module that loaded is still reported
+                if (first_error.empty()) first_error = e.what();
+            }
+        }
+    }
+    const auto functions = cuda_functions();
+    if (functions.empty()) {
+        throw attend::Error(first_error.empty() ? "attend: kernels --device cuda: this build has no CUDA kernels"
+                                                : first_error);
+    }
+    std::printf("%-36s %-40s %9s %11s %9s\n", "kernel", "function", "registers", "local bytes", "JIT limit");
+    auto figure = [](int value) { return value < 0 ? std::string("?") : std::to_string(value); };
+    for (const auto &f : functions) {
+        std::printf("%-36s %-40s %9s %11s %9s\n", f.kernel.c_str(), f.function.c_str(), figure(f.registers).c_str(),
+                    figure(f.local_bytes).c_str(), f.max_registers < 0 ? "none" : std::to_string(f.max_registers).c_str());
+    }
+    std::printf("\nRegisters and local bytes (spills included) per thread, as the CUDA driver compiled each "
+                "function; ? where it could not say.\n");
+    if (!first_error.empty()) std::printf("Some calls failed after compiling: %s\n", first_error.c_str());
+    return 0;
+}
+
+int kernels_command(const std::string &device) {
+    if (device == "cuda") return cuda_functions_command();
+    if (!device.empty()) {
+        throw BadInput("--device: expected cuda (what the driver compiled each CUDA kernel into), got '" + device + "'");
+    }
     std::printf("kernels of this build:\n");
     for (const auto &k : available_kernels()) {
         // What a call that names the kernel runs here: the selection forward() makes.
@@ -555,6 +600,10 @@ int main(int argc, char **argv) {
 
     auto *demo_cmd = app.add_subcommand("demo", "every kernel of this build on a naturalspeech2-like batch");
     auto *kernels_cmd = app.add_subcommand("kernels", "list the kernels of this build and this CPU's instruction sets");
+    std::string kernels_device;
+    kernels_cmd->add_option("--device", kernels_device,
+                            "cuda: run each CUDA kernel once and print the registers and local (spill) bytes the "
+                            "driver compiled each of its functions into");
 
     try {
         app.parse(argc, argv);
@@ -565,7 +614,7 @@ int main(int argc, char **argv) {
         if (*run_cmd) return run_command(run);
         if (*bench_cmd) return bench_command(bench);
         if (*demo_cmd) return demo_command();
-        if (*kernels_cmd) return kernels_command();
+        if (*kernels_cmd) return kernels_command(kernels_device);
     } catch (const std::invalid_argument &e) {
         std::fprintf(stderr, "%s\n", e.what());
         return 2;

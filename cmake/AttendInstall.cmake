@@ -33,6 +33,7 @@ install(FILES "${ATTEND_HALIDE_RUNTIME_INCLUDE}/HalideBuffer.h" "${ATTEND_HALIDE
 
 configure_package_config_file("${PROJECT_SOURCE_DIR}/cmake/AttendConfig.cmake.in"
                               "${PROJECT_BINARY_DIR}/AttendConfig.cmake" INSTALL_DESTINATION "${ATTEND_CONFIG_DIR}")
-write_basic_package_version_file("${PROJECT_BINARY_DIR}/AttendConfigVersion.cmake" COMPATIBILITY SameMajorVersion)
+# 0.x: only the same minor version is compatible (it may break the ABI).
+write_basic_package_version_file("${PROJECT_BINARY_DIR}/AttendConfigVersion.cmake" COMPATIBILITY SameMinorVersion)
 install(FILES "${PROJECT_BINARY_DIR}/AttendConfig.cmake" "${PROJECT_BINARY_DIR}/AttendConfigVersion.cmake"
         DESTINATION "${ATTEND_CONFIG_DIR}" COMPONENT core)

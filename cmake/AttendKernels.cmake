@@ -61,10 +61,15 @@ function(attend_add_kernel NAME)
     if (NOT ARG_GENERATOR)
         message(FATAL_ERROR "attend_add_kernel(${NAME}): GENERATOR (a generator of attend_generator) is required")
     endif ()
-    # The operation as attend::Operation spells it (forward -> Forward).
-    if (NOT ARG_OPERATION MATCHES "^[a-z][a-z_]*$")
-        message(FATAL_ERROR "attend_add_kernel(${NAME}): OPERATION must be an operation name such as forward, "
-                            "got '${ARG_OPERATION}'")
+    # The operation as attend::Operation spells it (forward -> Forward); each has
+    # its signature in include/attend/kernel_abi.hpp.
+    set(operations forward)
+    if (NOT ARG_OPERATION IN_LIST operations)
+        message(FATAL_ERROR "attend_add_kernel(${NAME}): OPERATION must be one of ${operations} "
+                            "(attend::Operation), got '${ARG_OPERATION}'")
+    endif ()
+    if (NOT ARG_TARGETS)
+        message(FATAL_ERROR "attend_add_kernel(${NAME}): TARGETS (Halide targets) is required")
     endif ()
     string(SUBSTRING "${ARG_OPERATION}" 0 1 first)
     string(SUBSTRING "${ARG_OPERATION}" 1 -1 rest)
@@ -101,12 +106,12 @@ function(attend_add_kernel NAME)
     # target the CPU runs (Halide's multi-target wrapper takes one PARAMS for all).
     set(libraries "")
     set(by_isa "")
-    set(only ${NAME})
+    set(single_function ${NAME})
     foreach (target IN LISTS ARG_TARGETS)
         set(library ${NAME})
         set(params ${ARG_PARAMS})
         if (ARG_DEVICE STREQUAL "cpu")
-            set(only nullptr)
+            set(single_function nullptr)
             attend_target_isa("${target}" isa)
             string(TOLOWER "${isa}" suffix)
             set(library ${NAME}_${suffix})
@@ -135,12 +140,12 @@ function(attend_add_kernel NAME)
     endforeach ()
     list(GET libraries 0 first_library)  # whose metadata gives the kernel's element storage type
     set_property(GLOBAL APPEND_STRING PROPERTY ATTEND_KERNEL_ENTRIES
-                 "ATTEND_KERNEL(${NAME}, ${operation}, ${device}, ${ARG_HEAD_DIM}, ${dtype}, ${only}, ${first_library}_metadata,${by_isa})\n")
+                 "ATTEND_KERNEL(${NAME}, ${operation}, ${device}, ${ARG_HEAD_DIM}, ${dtype}, ${single_function}, ${first_library}_metadata,${by_isa})\n")
     set_property(GLOBAL APPEND PROPERTY ATTEND_KERNEL_LIBRARIES ${libraries})
 endfunction()
 
 # Writes the kernel table: the kernel headers, and one ATTEND_KERNEL(name,
-# operation, device, head dim, dtype, only function, metadata, ATTEND_ISA(isa,
+# operation, device, head dim, dtype, single function, metadata, ATTEND_ISA(isa,
 # function)...) per variant (runtime/kernel_table.cpp reads it).
 function(attend_write_kernel_table FILE)
     get_property(entries GLOBAL PROPERTY ATTEND_KERNEL_ENTRIES)

@@ -8,12 +8,27 @@
 // libattend loads on machines without a GPU), by its versioned name: many
 // systems ship libcuda.so.1 without the libcuda.so link Halide looks for.
 // Loading it RTLD_GLOBAL lets Halide's runtime find the same symbols.
+//
+// Register limit: Halide 21's CUDA runtime JIT-compiles every module with
+// CU_JIT_MAX_REGISTERS = 64 unless the environment variable
+// HL_CUDA_JIT_MAX_REGISTERS says otherwise; the flash schedules need up to 255
+// (bench/cuda_kernel_report.py), and a cap of 64 spills the rest of each row's
+// state to local memory. Rather than set a variable in the caller's environment,
+// libattend provides Halide's driver-lookup hook (halide_cuda_get_symbol) and
+// hands Halide a cuModuleLoadDataEx that raises the cap to 255, the most a
+// thread can have, unless the caller set HL_CUDA_JIT_MAX_REGISTERS (then their
+// value, which Halide passes, is kept). The same hook records each kernel
+// function Halide looks up, so cuda_functions() can report what the driver
+// compiled it into.
 #include <dlfcn.h>
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
+#include <vector>
 
 #include <HalideRuntimeCuda.h>
 
@@ -58,8 +73,14 @@ std::string error_name(CUresult r) {
     return "CUDA error " + std::to_string(r);
 }
 
+// libcuda.so.1, opened once (null without a driver).
+void *driver_library() {
+    static void *library = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+    return library;
+}
+
 void load_driver() {
-    void *library = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+    void *library = driver_library();
     if (!library) {
         const char *why = dlerror();
         driver_problem = std::string("no CUDA driver: libcuda.so.1 could not be loaded (") + (why ? why : "?") + ")";
@@ -160,7 +181,65 @@ std::string refusal(int device, const std::string &error) {
            "): attend makes no more calls in it; reset the device (cudaDeviceReset) to use it again";
 }
 
+// ---- The register limit and the record of compiled functions -------------
+
+constexpr int kJitMaxRegisters = 0;          // CUjit_option CU_JIT_MAX_REGISTERS
+constexpr int kFuncNumRegisters = 4;         // CUfunction_attribute CU_FUNC_ATTRIBUTE_NUM_REGS
+constexpr int kFuncLocalSizeBytes = 3;       // CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
+constexpr unsigned kNoRegisterCap = 255;     // the most registers a thread can have
+
+using ModuleLoadDataEx = CUresult (*)(void **, const void *, unsigned, int *, void **);
+using ModuleGetFunction = CUresult (*)(void **, void *, const char *);
+using FuncGetAttribute = CUresult (*)(int *, int, void *);
+
+// The attend kernel this thread is running (set by CudaKernelScope), for the
+// record: Halide loads modules and looks up functions on the calling thread.
+thread_local const char *running_kernel = nullptr;
+
+struct LoadedFunction {
+    std::string kernel, function;
+    int max_registers = -1;  // the JIT limit its module was compiled with (-1: none given)
+    void *handle = nullptr;
+};
+std::mutex record_lock;
+std::map<void *, int> module_limits;          // module -> the JIT register limit it was loaded with
+std::map<std::string, LoadedFunction> loaded;  // by "kernel/function", the latest lookup
+
+CUresult load_module(void **module, const void *image, unsigned count, int *options, void **values) {
+    static const auto real = reinterpret_cast<ModuleLoadDataEx>(dlsym(driver_library(), "cuModuleLoadDataEx"));
+    static const bool caller_chose = std::getenv("HL_CUDA_JIT_MAX_REGISTERS") != nullptr;
+    std::vector<int> own_options(options, options + count);
+    std::vector<void *> own_values(values, values + count);
+    int limit = -1;
+    for (unsigned i = 0; i < count; i++) {
+        if (own_options[i] != kJitMaxRegisters) continue;
+        if (!caller_chose) own_values[i] = reinterpret_cast<void *>(uintptr_t(kNoRegisterCap));
+        limit = int(reinterpret_cast<uintptr_t>(own_values[i]));
+    }
+    const CUresult result = real(module, image, count, own_options.data(), own_values.data());
+    if (result == 0) {
+        std::lock_guard<std::mutex> guard(record_lock);
+        module_limits[*module] = limit;
+    }
+    return result;
+}
+
+CUresult get_function(void **function, void *module, const char *name) {
+    static const auto real = reinterpret_cast<ModuleGetFunction>(dlsym(driver_library(), "cuModuleGetFunction"));
+    const CUresult result = real(function, module, name);
+    if (result == 0 && running_kernel) {
+        std::lock_guard<std::mutex> guard(record_lock);
+        auto limit = module_limits.find(module);
+        LoadedFunction f{running_kernel, name, limit == module_limits.end() ? -1 : limit->second, *function};
+        loaded[f.kernel + "/" + f.function] = f;
+    }
+    return result;
+}
+
 }  // namespace
+
+CudaKernelScope::CudaKernelScope(const char *kernel) : previous_(running_kernel) { running_kernel = kernel; }
+CudaKernelScope::~CudaKernelScope() { running_kernel = previous_; }
 
 std::string note_cuda_fault(int device) {
     std::lock_guard<std::mutex> guard(driver_lock);
@@ -207,5 +286,42 @@ void prepare_cuda(int device) {
 #else
 void prepare_cuda(int) { throw Error("attend: CUDA: this build has no CUDA kernels (ATTEND_CUDA=OFF)"); }
 std::string note_cuda_fault(int) { return ""; }
+CudaKernelScope::CudaKernelScope(const char *) : previous_(nullptr) {}
+CudaKernelScope::~CudaKernelScope() {}
 #endif
 }  // namespace attend::detail
+
+#if ATTEND_HAS_CUDA
+// Halide's CUDA runtime looks every driver function up through this hook (a
+// weak symbol in Halide, defined here): the driver's, except the two wrapped.
+extern "C" void *halide_cuda_get_symbol(void *, const char *name) {
+    using namespace attend::detail;
+    if (std::strcmp(name, "cuModuleLoadDataEx") == 0) return reinterpret_cast<void *>(&load_module);
+    if (std::strcmp(name, "cuModuleGetFunction") == 0) return reinterpret_cast<void *>(&get_function);
+    return driver_library() ? dlsym(driver_library(), name) : nullptr;
+}
+#endif
+
+namespace attend {
+
+std::vector<CudaFunctionInfo> cuda_functions() {
+    std::vector<CudaFunctionInfo> all;
+#if ATTEND_HAS_CUDA
+    using namespace detail;
+    const auto attribute = driver_library()
+                               ? reinterpret_cast<FuncGetAttribute>(dlsym(driver_library(), "cuFuncGetAttribute"))
+                               : nullptr;
+    std::lock_guard<std::mutex> guard(record_lock);
+    for (const auto &[key, f] : loaded) {
+        CudaFunctionInfo info{f.kernel, f.function, f.max_registers, -1, -1};
+        if (attribute) {
+            if (attribute(&info.registers, kFuncNumRegisters, f.handle) != 0) info.registers = -1;
+            if (attribute(&info.local_bytes, kFuncLocalSizeBytes, f.handle) != 0) info.local_bytes = -1;
+        }
+        all.push_back(info);
+    }
+#endif
+    return all;
+}
+
+}  // namespace attend

@@ -1,27 +1,13 @@
-// Marshalling of tensors into kernel buffers, and one kernel call on a device.
+// Marshalling of tensors into kernel buffers, and dense host copies.
 #include "device_buffers.hpp"
 
-#include <cstdio>
 #include <cstring>
 
 #include <HalideRuntimeCuda.h>
-#include <HalideRuntimeOpenCL.h>
 
 namespace attend {
 namespace detail {
 namespace {
-
-void on_halide_error(void *user_context, const char *message) {
-    if (auto *call = static_cast<CallContext *>(user_context)) {
-        std::lock_guard<std::mutex> guard(call->lock);
-        if (call->errors.size() < 4096) call->errors += message;
-        return;
-    }
-    // Outside attend's calls (a caller's own Halide runtime calls, e.g. a device
-    // copy of a Halide buffer): printed as Halide's default handler does, without its abort().
-    const size_t length = std::strlen(message);
-    std::fprintf(stderr, "Halide error: %s%s", message, length && message[length - 1] == '\n' ? "" : "\n");
-}
 
 // Copies t's elements into the dense C-order layout of `dense` (whose last dim
 // may be wider), or back when `to_t`.
@@ -45,29 +31,7 @@ void copy_elements(const TensorView &t, const TensorView &dense, size_t bytes, b
 
 }  // namespace
 
-void install_halide_hooks() {
-    static std::once_flag once;
-    std::call_once(once, [] {
-        halide_set_error_handler(on_halide_error);
-        // GPU calls with host tensors make device copies each call: keep freed
-        // device memory in Halide's cache rather than paying cuMemAlloc/cuMemFree.
-        halide_reuse_device_allocations(nullptr, true);
-    });
-}
-
-const halide_device_interface_t *halide_interface(Device device) {
-    switch (device) {
-#if ATTEND_HAS_CUDA
-    case Device::CUDA: return halide_cuda_device_interface();
-#endif
-#if ATTEND_HAS_OPENCL
-    case Device::OpenCL: return halide_opencl_device_interface();
-#endif
-    default: return nullptr;
-    }
-}
-
-KernelBuffer::KernelBuffer(const TensorView &t, halide_type_t type) : view(t) {
+KernelBuffer::KernelBuffer(const TensorView &t, halide_type_t type) : view(t), label(t.name) {
     for (int i = 0; i < t.ndim; i++) {
         int from = t.ndim - 1 - i;
         dims[i] = halide_dimension_t(0, int32_t(t.shape[from]), int32_t(t.strides[from]));
@@ -123,53 +87,6 @@ int KernelBuffer::release(CallContext *call) {
     return buffer.device ? halide_device_free(call, &buffer) : 0;
 }
 
-void run_kernel(const char *kernel, Device device, int cuda_device, void *cuda_stream,
-                std::initializer_list<KernelBuffer *> buffers, const std::function<int(void *)> &launch) {
-    if (device == Device::CUDA) prepare_cuda(cuda_device);
-    install_halide_hooks();
-    CallContext call;
-    call.cuda_device = cuda_device;
-    call.cuda_stream = cuda_stream;
-    const bool gpu = device != Device::CPU;
-    int status = 0;
-    std::string stage = "preparing device buffers";
-    if (gpu) {
-        for (KernelBuffer *b : buffers) {
-            if (status == 0) status = b->to_device(&call, halide_interface(device));
-        }
-    }
-    if (status == 0) {
-        stage = "running";
-        status = launch(&call);
-    }
-    if (gpu) {
-        for (KernelBuffer *b : buffers) {
-            if (status == 0 && b->to_host) {
-                stage = std::string("copying ") + b->view.name + " to the host";
-                status = b->copy_to_host(&call);
-            }
-        }
-        for (KernelBuffer *b : buffers) {
-            const int released = b->release(&call);
-            if (status == 0 && released != 0) {
-                stage = "releasing device buffers";
-                status = released;
-            }
-        }
-    }
-    if (status == 0) return;
-    std::string message = std::string("attend: kernel ") + kernel + ": " + stage + " failed (Halide error " +
-                          std::to_string(status) + "): " + (call.errors.empty() ? "no message" : call.errors);
-    if (device == Device::CUDA) {
-        if (std::string fault = note_cuda_fault(cuda_device); !fault.empty()) message += "; " + fault;
-    }
-    throw Error(message);
-}
-
-bool host_readable(const TensorView &t) { return t.data && location(t) == Device::CPU && !t.on_device_only; }
-
-bool result_to_host(const TensorView &t) { return t.present && host_readable(t) && !(t.halide && t.halide->device); }
-
 TensorView zeros(const TensorView &t, int64_t width, size_t bytes, std::vector<uint8_t> &storage) {
     TensorView dense = t;
     dense.halide = nullptr;
@@ -208,13 +125,5 @@ void mark_host_written(const TensorView &t) {
 }
 
 }  // namespace detail
-
-const halide_device_interface_t *device_interface(Device device) {
-    detail::install_halide_hooks();
-    if (device == Device::CUDA && detail::halide_interface(device)) {
-        detail::prepare_cuda(0);  // the driver and the context hooks, before any allocation
-    }
-    return detail::halide_interface(device);
-}
 
 }  // namespace attend

@@ -1,36 +1,18 @@
 // Marshalling: tensors as the halide_buffer_t a kernel takes, on the host or on
 // a GPU (the caller's Halide device state, a caller's CUDA pointer, or a device
-// copy of host data), dense host copies where a kernel needs them, and running
-// one kernel call with its buffers moved, its results staged and everything it
-// made released. Knows nothing about which kernel or operation runs.
+// copy of host data), and the dense host copies a kernel may need. Knows nothing
+// about which kernel or operation runs, nor how a call runs (kernel_call.hpp).
 #pragma once
 
 #include <cstdint>
-#include <functional>
-#include <initializer_list>
-#include <mutex>
-#include <string>
 #include <vector>
 
 #include <HalideRuntime.h>
 
 #include "internal.hpp"
+#include "kernel_call.hpp"  // CallContext
 
 namespace attend::detail {
-
-// Passed to every kernel as Halide's user_context: errors raised on any thread of
-// the call are collected here (instead of Halide's abort()), and the CUDA hooks
-// read the call's device and stream from it.
-struct CallContext {
-    std::mutex lock;
-    std::string errors;
-    int cuda_device = 0;
-    void *cuda_stream = nullptr;
-};
-
-// Halide's error handler (errors reach the CallContext of the call that raised
-// them) and its device allocation cache, installed once per process.
-void install_halide_hooks();
 
 // A halide_buffer_t over a TensorView, dims reversed (Halide's dim 0 is innermost).
 struct KernelBuffer {
@@ -39,6 +21,7 @@ struct KernelBuffer {
     const TensorView &view;
     bool is_output = false;
     bool to_host = false;  // a GPU call copies this output back to host memory after the kernel
+    const char *label;     // what it holds, for errors: "copying <label> to the host failed"
     bool wrapped = false;  // buffer.device is the caller's CUDA pointer
 
     KernelBuffer(const TensorView &t, halide_type_t type);
@@ -51,20 +34,6 @@ struct KernelBuffer {
     // After the call: keep the caller's Halide buffer in step, drop what the call made.
     int release(CallContext *call);
 };
-
-// One kernel call on `device` (CUDA: on device `cuda_device`, ordered on
-// `cuda_stream`): GPU buffers are readied, `launch` runs the kernel with the
-// call's user_context, to_host outputs come back, device memory the call made is
-// freed. Throws attend::Error naming `kernel` and the step that failed.
-void run_kernel(const char *kernel, Device device, int cuda_device, void *cuda_stream,
-                std::initializer_list<KernelBuffer *> buffers, const std::function<int(void *)> &launch);
-
-// Whether the runtime can read a tensor's data on the host.
-bool host_readable(const TensorView &t);
-
-// Whether a GPU call copies its result for the output t back to host memory (a
-// caller's Halide buffer with a device allocation keeps it on the device).
-bool result_to_host(const TensorView &t);
 
 // A dense host tensor (C order) of t's shape with its last dim `width`, in
 // `storage`: zeros (all-zero bits: +0 in every float type), or, with

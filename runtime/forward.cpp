@@ -4,6 +4,7 @@
 
 #include "attend/kernel_abi.hpp"
 #include "device_buffers.hpp"
+#include "kernel_call.hpp"
 #include "internal.hpp"
 #include "kernel_table.hpp"
 
@@ -86,7 +87,7 @@ TensorView mask_for_kernel(const Problem &p, uint8_t *host_byte) {
     return t;
 }
 
-// The kernel ABI's arguments from the problem (the only place they are filled).
+// The kernel ABI's scalar arguments from the problem (run_forward adds the buffers).
 ForwardKernelArgs forward_args(const Problem &p, const Options &options) {
     ForwardKernelArgs a;
     a.scale = p.scale;
@@ -117,9 +118,9 @@ void run_forward(const Problem &p, const Options &options) {
     // untouched.
     std::vector<uint8_t> q_storage, k_storage, v_storage, out_storage;
     TensorView q = p.q, k = p.k, v = p.v, out = p.out;
-    const bool stage_out = p.selection.pad || (gpu && result_to_host(p.out));
+    const bool stage_out = p.selection.padded || (gpu && result_to_host(p.out));
     const bool stage_lse = gpu && result_to_host(p.lse);
-    if (p.selection.pad) {
+    if (p.selection.padded) {
         q = dense_copy(p.q, kernel.head_dim, bytes, q_storage);
         k = dense_copy(p.k, kernel.head_dim, bytes, k_storage);
         v = dense_copy(p.v, kernel.head_dim, bytes, v_storage);
@@ -138,6 +139,7 @@ void run_forward(const Problem &p, const Options &options) {
     KernelBuffer q_buf(q, kernel.element), k_buf(k, kernel.element), v_buf(v, kernel.element), mask_buf(mask, u8),
         out_buf(out, kernel.element), lse_buf(lse, f32);
     out_buf.is_output = lse_buf.is_output = true;
+    out_buf.label = "the result";
     out_buf.to_host = stage_out;
     lse_buf.to_host = stage_lse;
 
@@ -151,7 +153,7 @@ void run_forward(const Problem &p, const Options &options) {
     const ForwardKernel function = p.selection.function_for<Operation::Forward>();
     run_kernel(kernel.name, kernel.device, p.device_id, options.cuda_stream,
                {&q_buf, &k_buf, &v_buf, &mask_buf, &out_buf, &lse_buf},
-               [&](void *user_context) { return call(function, user_context, args); });
+               [&](void *user_context) { return call_kernel(function, user_context, args); });
 
     if (stage_out) copy_into(out, p.out, bytes);
     if (stage_lse) {

@@ -33,6 +33,13 @@ TensorView view_of(const char *name, const DLTensor &t);
 Device location(const TensorView &t);
 TensorView view_of(const char *name, const halide_buffer_t &b);
 
+// Whether the runtime can read a tensor's data on the host.
+bool host_readable(const TensorView &t);
+
+// Whether a GPU call copies its result for the output t back to host memory (a
+// caller's Halide buffer with a device allocation keeps it on the device).
+bool result_to_host(const TensorView &t);
+
 // A call that passed validation: every field is consistent and in range.
 struct Problem {
     int64_t b = 0, h = 0, kv_heads = 0, n = 0, m = 0, d = 0, dv = 0;
@@ -77,6 +84,19 @@ void prepare_cuda(int device);
 // unusable (a sticky error). If so the context is remembered, so prepare_cuda
 // refuses later calls in it, and the returned text says so; else "".
 std::string note_cuda_fault(int device);
+
+// CUDA: while one lives, this thread runs the attend kernel `kernel`, so the
+// modules and functions Halide loads meanwhile are recorded as its (cuda_functions()).
+class CudaKernelScope {
+public:
+    explicit CudaKernelScope(const char *kernel);
+    ~CudaKernelScope();
+    CudaKernelScope(const CudaKernelScope &) = delete;
+    CudaKernelScope &operator=(const CudaKernelScope &) = delete;
+
+private:
+    const char *previous_;
+};
 
 // Halide's device interface of a device of this build (null if none), without
 // preparing anything: to recognise where a caller's Halide buffer lives.

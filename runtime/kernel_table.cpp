@@ -14,17 +14,26 @@ namespace attend {
 namespace detail {
 namespace {
 
-// How a generated kernel takes q (and k, v, out): read from its metadata, so
-// the generator alone decides it (OpenCL without cl_khr_fp16 stores 16-bit
-// floats as uint16).
-halide_type_t element_type_of(const halide_filter_metadata_t *metadata) {
+// How a generated kernel takes its elements: the type of its first argument (q
+// for the forward) in its metadata, so the generator alone decides it (OpenCL
+// without cl_khr_fp16 stores 16-bit floats as uint16); `dtype`'s own type if
+// the metadata has none.
+halide_type_t element_type_of(const halide_filter_metadata_t *metadata, const char *first_argument, DType dtype) {
     for (int a = 0; a < metadata->num_arguments; a++) {
-        if (std::strcmp(metadata->arguments[a].name, "q") == 0) return metadata->arguments[a].type;
+        if (std::strcmp(metadata->arguments[a].name, first_argument) == 0) return metadata->arguments[a].type;
     }
-    return halide_type_t();
+    return dlpack::to_halide(dlpack::type_of(dtype));
 }
 
-// ATTEND_KERNEL(name, operation, device, head dim, dtype, only function, metadata,
+// The name of an operation's first kernel argument (its ABI's names).
+template <Operation op>
+const char *first_argument();
+template <>
+const char *first_argument<Operation::Forward>() {
+    return kForwardKernelArgNames[0];
+}
+
+// ATTEND_KERNEL(name, operation, device, head dim, dtype, single function, metadata,
 // ATTEND_ISA(isa, function)...) from the table. Each CPU target is its own
 // library (its schedule parameters may differ: tuning/cpu.json), so the
 // runtime, not Halide, picks the target. A function whose type is not its
@@ -33,15 +42,15 @@ template <Operation op>
 struct EntryBuilder {
     using Function = typename KernelSignature<op>::type;
     KernelEntry entry;
-    EntryBuilder(const char *name, Device device, int head_dim, DType dtype, Function only,
+    EntryBuilder(const char *name, Device device, int head_dim, DType dtype, Function single_function,
                  const halide_filter_metadata_t *metadata) {
         entry.name = name;
         entry.operation = op;
         entry.device = device;
         entry.head_dim = head_dim;
         entry.dtype = dtype;
-        entry.element = element_type_of(metadata);
-        entry.only = reinterpret_cast<ErasedKernel>(only);
+        entry.element = element_type_of(metadata, first_argument<op>(), dtype);
+        entry.single_function = reinterpret_cast<ErasedKernel>(single_function);
     }
     EntryBuilder &isa(CpuIsa isa, Function function) {
         entry.by_isa[int(isa)] = reinterpret_cast<ErasedKernel>(function);
@@ -49,8 +58,8 @@ struct EntryBuilder {
     }
 };
 #define ATTEND_ISA(isa_name, function) .isa(CpuIsa::isa_name, function)
-#define ATTEND_KERNEL(name, operation, device, head_dim, dtype, only, metadata, ...)                           \
-    (EntryBuilder<Operation::operation>(#name, Device::device, head_dim, DType::dtype, only, metadata()) \
+#define ATTEND_KERNEL(name, operation, device, head_dim, dtype, single_function, metadata, ...)                     \
+    (EntryBuilder<Operation::operation>(#name, Device::device, head_dim, DType::dtype, single_function, metadata()) \
          __VA_ARGS__).entry,
 const KernelEntry kBuilt[] = {ATTEND_KERNEL_TABLE};
 #undef ATTEND_KERNEL
@@ -89,10 +98,6 @@ bool fits_padded(const KernelEntry &e, int64_t head_dim, int64_t value_dim) {
     return e.device != Device::CPU && e.head_dim >= std::max(head_dim, value_dim);
 }
 
-bool supports(const KernelEntry &e, const Features &f) {
-    return (!f.mask || e.supported.mask) && (!f.causal || e.supported.causal) && (!f.dropout || e.supported.dropout);
-}
-
 // The build's kernel for a request: a specialised one first (in build order),
 // else the generic one, else the smallest GPU kernel it fits padded.
 const KernelEntry *choose(const KernelRequest &r, Device device, std::string &why_not) {
@@ -101,7 +106,7 @@ const KernelEntry *choose(const KernelRequest &r, Device device, std::string &wh
     for (const KernelEntry &e : kBuilt) {
         if (e.device != device) continue;
         any_of_device = true;
-        if (e.operation != r.operation || e.dtype != r.dtype || !supports(e, r.features)) continue;
+        if (e.operation != r.operation || e.dtype != r.dtype) continue;
         if (e.head_dim != 0 && fits(e, r.head_dim, r.value_dim)) return &e;
         if (e.head_dim == 0 && !generic) generic = &e;
         if (fits_padded(e, r.head_dim, r.value_dim) && (!padded || e.head_dim < padded->head_dim)) padded = &e;
@@ -110,7 +115,7 @@ const KernelEntry *choose(const KernelRequest &r, Device device, std::string &wh
     if (padded) return padded;
     const std::string what = std::string(to_string(r.dtype)) + " " + to_string(device);
     if (!any_of_device) {
-        why_not = std::string("unsupported call: no ") + to_string(device) + " kernels in this build";
+        why_not = std::string("no ") + to_string(device) + " kernels in this build";
         return nullptr;
     }
     std::string dims;
@@ -122,11 +127,11 @@ const KernelEntry *choose(const KernelRequest &r, Device device, std::string &wh
         }
     }
     if (dims.empty()) {
-        why_not = "unsupported call: no " + what + " kernels in this build (ATTEND_DTYPES)";
+        why_not = "no " + what + " kernels in this build (ATTEND_DTYPES)";
         return nullptr;
     }
     dims.pop_back();
-    why_not = "unsupported call: no " + what + " kernel for d=" + std::to_string(r.head_dim) +
+    why_not = "no " + what + " kernel for d=" + std::to_string(r.head_dim) +
               ", dv=" + std::to_string(r.value_dim) + " in this build (it has d = dv =" + dims +
               "; smaller d and dv run padded)";
     return nullptr;
@@ -149,8 +154,6 @@ const KernelEntry *check_forced(const KernelRequest &r, Device device, std::stri
     } else if (kernel->device != device) {
         why_not = name + " runs on " + to_string(kernel->device) + " but this call runs on " + to_string(device) +
                   " (set options.device, or move the tensors)";
-    } else if (!supports(*kernel, r.features)) {
-        why_not = name + " lacks a feature the call uses (mask, causal or dropout)";
     } else {
         return kernel;
     }
@@ -159,26 +162,35 @@ const KernelEntry *check_forced(const KernelRequest &r, Device device, std::stri
 
 }  // namespace
 
-std::optional<Selection> select(const KernelRequest &r, std::string *why_not) {
+std::optional<Selection> select(const KernelRequest &r, std::string *why_not, bool *no_kernel_fits) {
     std::string reason;
+    bool unfit = false;
     auto refuse = [&](std::string text) -> std::optional<Selection> {
         if (why_not) *why_not = std::move(text);
+        if (no_kernel_fits) *no_kernel_fits = unfit;
         return std::nullopt;
     };
-    if (r.head_dim < 1 || r.value_dim < 0) return refuse("unsupported call: head dims must be positive");
+    const auto isas = supported_cpu_isas();
+    if (std::find(isas.begin(), isas.end(), r.cpu_isa) == isas.end()) {
+        return refuse(std::string("options.cpu_isa: ") + to_string(r.cpu_isa) + " is not supported by this CPU");
+    }
+    unfit = true;
+    if (r.head_dim < 1 || r.value_dim < 0) return refuse("head dims must be positive");
     const Device device = r.device == Device::Auto ? Device::CPU : r.device;  // Auto: host tensors
+    unfit = r.kernel.empty();
     const KernelEntry *kernel = r.kernel.empty() ? choose(r, device, reason) : check_forced(r, device, reason);
     if (!kernel) return refuse(reason);
+    unfit = false;
 
     Selection s;
     s.kernel = kernel;
-    s.pad = kernel->head_dim != 0 && !fits(*kernel, r.head_dim, r.value_dim);
-    if (kernel->only) {  // a GPU kernel, or an added one (one target: the machine's)
+    s.padded = kernel->head_dim != 0 && !fits(*kernel, r.head_dim, r.value_dim);
+    if (kernel->single_function) {  // a GPU kernel, or an added one (one target: the machine's)
         if (r.cpu_isa != CpuIsa::Auto && kernel->device == Device::CPU) {
             return refuse(std::string("options.cpu_isa: ") + kernel->name + " has no " + to_string(r.cpu_isa) +
                           " (or lower) target (it was added at run time with one target)");
         }
-        s.function = kernel->only;
+        s.function = kernel->single_function;
         return s;
     }
     // A built CPU kernel: its best target at or below the cap; for Auto, below the best this CPU runs.
@@ -212,7 +224,7 @@ KernelInfo info_of(const KernelEntry &e) {
 std::optional<KernelChoice> select_kernel(const KernelRequest &request, std::string *why_not) {
     auto s = detail::select(request, why_not);
     if (!s) return std::nullopt;
-    return KernelChoice{detail::info_of(*s->kernel), s->cpu_isa, s->pad};
+    return KernelChoice{detail::info_of(*s->kernel), s->cpu_isa, s->padded};
 }
 
 std::optional<KernelInfo> select_kernel(Device device, DType dtype, int64_t head_dim, int64_t value_dim,
@@ -263,7 +275,7 @@ void add_kernel(const KernelInfo &info, ForwardKernel function) {
     e.head_dim = info.head_dim;
     e.dtype = info.dtype;
     e.element = dlpack::to_halide(dlpack::type_of(info.dtype));
-    e.only = reinterpret_cast<detail::ErasedKernel>(function);
+    e.single_function = reinterpret_cast<detail::ErasedKernel>(function);
     a.entries.push_back(e);
 }
 

@@ -13,8 +13,9 @@
 namespace attend::detail {
 
 // A kernel of one operation. Its functions are stored type-erased; the
-// operation's runner casts them back with function<op>() (the table checked
-// them against KernelSignature<op> when it was compiled).
+// operation's runner casts them back with Selection::function_for<op>() (the
+// table checked them against KernelSignature<op> when it was compiled). Every
+// kernel of the build has every feature (mask, causal, dropout).
 using ErasedKernel = void (*)();
 struct KernelEntry {
     const char *name = "";
@@ -23,8 +24,7 @@ struct KernelEntry {
     int head_dim = 0;  // 0: generic
     DType dtype = DType::Float32;
     halide_type_t element{};  // how the kernel takes q, k, v and out (OpenCL: 16-bit floats as uint16)
-    Features supported{true, true, true};
-    ErasedKernel only = nullptr;  // a GPU kernel or an added one: its one function
+    ErasedKernel single_function = nullptr;  // a GPU kernel or an added one: its one function
     ErasedKernel by_isa[4] = {};  // a built CPU kernel: one function per target, indexed by CpuIsa
 };
 
@@ -34,7 +34,7 @@ struct Selection {
     const KernelEntry *kernel = nullptr;
     ErasedKernel function = nullptr;
     CpuIsa cpu_isa = CpuIsa::Auto;
-    bool pad = false;
+    bool padded = false;
 
     template <Operation op>
     typename KernelSignature<op>::type function_for() const {
@@ -43,7 +43,9 @@ struct Selection {
 };
 
 // The one decision. nullopt with *why_not when nothing in the build fits the
-// request (the text says why, naming the option at fault).
-std::optional<Selection> select(const KernelRequest &request, std::string *why_not);
+// request (the text says why, naming the option at fault); *no_kernel_fits says
+// whether that is because no kernel of the build fits the call (rather than an
+// option: a forced kernel, a CPU cap).
+std::optional<Selection> select(const KernelRequest &request, std::string *why_not, bool *no_kernel_fits = nullptr);
 
 }  // namespace attend::detail

@@ -7,7 +7,6 @@
 
 #include "attend/dlpack_types.hpp"
 #include "attend/dropout_hash.hpp"
-#include "device_buffers.hpp"  // host_readable
 #include "internal.hpp"
 #include "kernel_table.hpp"
 
@@ -223,6 +222,10 @@ Device location(const TensorView &t) {
     }
 }
 
+bool host_readable(const TensorView &t) { return t.data && location(t) == Device::CPU && !t.on_device_only; }
+
+bool result_to_host(const TensorView &t) { return t.present && host_readable(t) && !(t.halide && t.halide->device); }
+
 TensorView view_of(const char *name, const DLTensor &t) {
     TensorView v;
     v.name = name;
@@ -385,11 +388,12 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
     request.kernel = options.kernel;
     request.cpu_isa = options.cpu_isa;
     std::string why_not;
-    auto selection = select(request, &why_not);
-    if (!selection) fail(why_not);
+    bool no_kernel_fits = false;
+    auto selection = select(request, &why_not, &no_kernel_fits);
+    if (!selection) fail(no_kernel_fits ? "unsupported call: " + why_not : why_not);
     p.selection = *selection;
     const KernelEntry &kernel = *p.selection.kernel;
-    if (p.selection.pad && !p.empty()) {
+    if (p.selection.padded && !p.empty()) {
         for (const TensorView *t : {&p.q, &p.k, &p.v, &p.out}) {
             if (!host_readable(*t)) {
                 fail(std::string(t->name) + ": " + kernel.name + " runs d = dv = " + std::to_string(kernel.head_dim) +

@@ -258,6 +258,27 @@ TEST_CASE("attend run --device cuda when the driver reports a fault: exit 1 nami
 }
 #endif
 
+#ifdef ATTEND_FAKE_CUDA_DIR
+TEST_CASE("attend kernels --device cuda: each CUDA kernel's functions with the registers the driver gave them") {
+    Workspace ws;
+    const std::string driver =
+        std::string("LD_LIBRARY_PATH=") + ATTEND_FAKE_CUDA_DIR + "${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} ATTEND_FAKE_CUDA=";
+    auto r = ws.attend("kernels --device cuda", driver + "launch=noop");
+    INFO("stdout: " << r.out << "stderr: " << r.err);
+    CHECK(r.status == 0);
+    for (const auto &k : available_kernels()) {
+        if (k.device == Device::CUDA) CHECK(r.out.find(k.name + " ") != std::string::npos);
+    }
+    CHECK(r.out.find("_kernel_partial") != std::string::npos);
+    CHECK(r.out.find(" 255\n") != std::string::npos);  // the JIT limit: no cap
+    // No device: exit 1 naming why.
+    auto none = ws.attend("kernels --device cuda", driver + "init=100");
+    CHECK(none.status == 1);
+    CHECK(none.err.find("CUDA_ERROR_NO_DEVICE") != std::string::npos);
+    CHECK(ws.attend("kernels --device tpu").status == 2);
+}
+#endif
+
 TEST_CASE("attend bench --json: the last line is a JSON object with ms and gflops") {
     Workspace ws;
     const std::string d = std::to_string(built_among({32})[0]);

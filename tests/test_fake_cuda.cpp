@@ -9,6 +9,7 @@
 // loads the driver once per process: each test case needs a process of its own,
 // as ctest runs them.
 #include <atomic>
+#include <cstdlib>
 #include <thread>
 
 #include <HalideRuntime.h>
@@ -195,4 +196,83 @@ TEST_CASE("8 threads on CUDA while one kernel faults: every call an attend::Erro
     auto p = cuda_problem(spec_of(1, 2, 40, 50, 64));
     CHECK(error_of(p).find("makes no more calls") != std::string::npos);
     check_cpu_still_works();
+}
+
+namespace {
+
+// Each float32 CUDA kernel of the build, run once without and once with dropout
+// (its two specialisations); launches do nothing. Returns how many kernels ran.
+int run_every_float32_cuda_kernel() {
+    int kernels = 0;
+    for (const auto &k : available_kernels()) {
+        if (k.device != Device::CUDA || k.dtype != DType::Float32) continue;
+        for (bool dropout : {false, true}) {
+            auto p = cuda_problem(spec_of(1, 2, 33, 40, k.head_dim));
+            p.options.kernel = k.name;
+            p.options.training = dropout;
+            p.options.dropout = 0.25f;
+            p.run();
+        }
+        kernels++;
+    }
+    return kernels;
+}
+
+std::vector<AttendFakeCudaModule> loaded_modules() {
+    std::vector<AttendFakeCudaModule> modules(size_t(attend_fake_cuda_modules(nullptr, 0)));
+    attend_fake_cuda_modules(modules.data(), int(modules.size()));
+    return modules;
+}
+
+// ptxas (CMake found it, or ""): the fake then reports what it makes of each module.
+const std::string kPtxas = ATTEND_PTXAS;
+
+}  // namespace
+
+// Halide 21 alone JIT-compiles every module with at most 64 registers per thread,
+// and the flash schedules need up to 255: the rest would spill to local memory.
+TEST_CASE("every CUDA kernel is JIT-compiled with the registers it needs, and cuda_functions reports them") {
+    start(("launch=noop" + (kPtxas.empty() ? "" : ",ptxas=" + kPtxas)).c_str());
+    REQUIRE(std::getenv("HL_CUDA_JIT_MAX_REGISTERS") == nullptr);
+    const int kernels = run_every_float32_cuda_kernel();
+    REQUIRE(kernels > 0);
+
+    const auto modules = loaded_modules();
+    CHECK(int(modules.size()) >= kernels);
+    for (const auto &m : modules) {
+        // Without ptxas what a kernel needs is not known here: only no cap (255) is enough for every kernel.
+        const int needed = m.registers_needed >= 0 ? m.registers_needed : 255;
+        INFO("module limit " << m.max_registers << ", needs " << m.registers_needed << " (-1: not known)");
+        CHECK((m.max_registers == -1 || m.max_registers >= needed));
+    }
+
+    const auto functions = cuda_functions();
+    CHECK(functions.size() >= size_t(2 * kernels));  // each kernel: its partial states, then their merge
+    int above_64 = 0;
+    for (const auto &f : functions) {
+        INFO(f.kernel << " " << f.function << ": limit " << f.max_registers << ", " << f.registers
+                      << " registers, " << f.local_bytes << " local bytes");
+        CHECK(f.kernel.rfind("attend_cuda_", 0) == 0);
+        CHECK(f.max_registers == 255);
+        if (kPtxas.empty()) {
+            CHECK(f.registers == -1);  // the fake says NOT_SUPPORTED: reported as unknown
+        } else {
+            CHECK(f.registers > 0);
+            CHECK(f.registers <= f.max_registers);
+            above_64 += f.registers > 64;
+        }
+    }
+    // With ptxas: the cap Halide would set is not academic here.
+    if (!kPtxas.empty()) CHECK(above_64 > 0);
+}
+
+TEST_CASE("a register limit the caller sets (HL_CUDA_JIT_MAX_REGISTERS) is kept") {
+    REQUIRE(setenv("HL_CUDA_JIT_MAX_REGISTERS", "128", 1) == 0);
+    start("launch=noop");
+    auto p = cuda_problem(spec_of(1, 2, 33, 40, 64));
+    p.run();
+    const auto modules = loaded_modules();
+    REQUIRE_FALSE(modules.empty());
+    for (const auto &m : modules) CHECK(m.max_registers == 128);
+    for (const auto &f : cuda_functions()) CHECK(f.max_registers == 128);
 }

@@ -63,6 +63,8 @@ def main():
         check(re.search(r"^==> done: \d+ failed step", summary, re.M) is not None, "the summary ends with its count")
         status = dict(re.findall(r"^(\S+): exit (\d+) in \d+ s$", summary, re.M))
         check("tests" in status and "fault" in status, "the CUDA tests and the fault test ran")
+        check(status.get("registers") == "0", f"the driver's registers per kernel function: exit 0 (got {status.get('registers')})")
+        check("functions with local memory (spills): 0" in summary, "the summary counts the functions that spill")
         sanitized = [name for name in status if name.startswith(("racecheck_", "memcheck_"))]
         profiles = [name for name in status if name.startswith("profile_")]
         check(len(sanitized) == 9, f"9 sanitizer runs: {sanitized}")

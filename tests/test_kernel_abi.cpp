@@ -108,3 +108,82 @@ TEST_CASE("add_kernel and Options::kernel reject bad registrations and calls, na
     q.options.cpu_isa = CpuIsa::Baseline;
     CHECK_THROWS_WITH_AS(q.run(), doctest::Contains("added at run time with one target"), std::invalid_argument);
 }
+
+namespace {
+// What a kernel received, by the names of the generated signature
+// (ATTEND_FORWARD_KERNEL_PARAMS), written into the argument struct by field name.
+ForwardKernelArgs received;
+const void *received_context = nullptr;
+int records_its_arguments ATTEND_FORWARD_KERNEL_PARAMS {
+    received_context = user_context;
+    received.q = q, received.k = k, received.v = v, received.mask = mask;
+    received.scale = scale, received.causal = causal, received.has_mask = has_mask;
+    received.drop_threshold = drop_threshold, received.keep_scale = keep_scale;
+    received.seed_lo = seed_lo, received.seed_hi = seed_hi;
+    received.causal_offset = causal_offset, received.all_keys_rows = all_keys_rows, received.key_splits = key_splits;
+    received.out = out, received.lse = lse;
+    return 0;
+}
+halide_buffer_t *fake_buffer(uintptr_t id) { return reinterpret_cast<halide_buffer_t *>(id); }
+}  // namespace
+
+TEST_CASE("call_kernel passes each field of ForwardKernelArgs as the parameter of the same name") {
+    ForwardKernelArgs sent;  // a distinct value in every field
+    sent.q = fake_buffer(16), sent.k = fake_buffer(32), sent.v = fake_buffer(48), sent.mask = fake_buffer(64);
+    sent.scale = 0.5f, sent.causal = true, sent.has_mask = false, sent.drop_threshold = 7, sent.keep_scale = 1.25f;
+    sent.seed_lo = 11, sent.seed_hi = 13, sent.causal_offset = 17, sent.all_keys_rows = 19, sent.key_splits = 23;
+    sent.out = fake_buffer(80), sent.lse = fake_buffer(96);
+    const int context = 0;
+    CHECK(call_kernel(records_its_arguments, &context, sent) == 0);
+    CHECK(received_context == &context);
+    CHECK(received.q == sent.q);
+    CHECK(received.k == sent.k);
+    CHECK(received.v == sent.v);
+    CHECK(received.mask == sent.mask);
+    CHECK(received.scale == sent.scale);
+    CHECK(received.causal == sent.causal);
+    CHECK(received.has_mask == sent.has_mask);
+    CHECK(received.drop_threshold == sent.drop_threshold);
+    CHECK(received.keep_scale == sent.keep_scale);
+    CHECK(received.seed_lo == sent.seed_lo);
+    CHECK(received.seed_hi == sent.seed_hi);
+    CHECK(received.causal_offset == sent.causal_offset);
+    CHECK(received.all_keys_rows == sent.all_keys_rows);
+    CHECK(received.key_splits == sent.key_splits);
+    CHECK(received.out == sent.out);
+    CHECK(received.lse == sent.lse);
+}
+
+TEST_CASE("select_kernel(KernelRequest): the kernel, the CPU target and padding forward() would use") {
+    const int d = int(built_head_dims().front());
+    KernelRequest request;
+    request.head_dim = request.value_dim = d;
+    auto choice = select_kernel(request);
+    REQUIRE(choice);
+    CHECK(choice->kernel.name == "attend_cpu_d" + std::to_string(d));
+    CHECK(choice->kernel.operation == Operation::Forward);
+    CHECK(choice->cpu_isa == supported_cpu_isas().at(1));  // the best this CPU runs
+    CHECK_FALSE(choice->padded);
+    REQUIRE_FALSE(choice->kernel.cpu_isas.empty());
+    CHECK(choice->kernel.cpu_isas.back() == CpuIsa::Baseline);
+
+    request.cpu_isa = CpuIsa::Baseline;
+    CHECK(select_kernel(request)->cpu_isa == CpuIsa::Baseline);
+    // An instruction set this CPU lacks, or no such value: refused, as forward() refuses it.
+    std::string why;
+    for (CpuIsa isa : {CpuIsa::AVX512, CpuIsa::AVX2, CpuIsa(9)}) {
+        const auto isas = supported_cpu_isas();
+        if (std::find(isas.begin(), isas.end(), isa) != isas.end()) continue;
+        request.cpu_isa = isa;
+        CHECK_FALSE(select_kernel(request, &why));
+        CHECK(why.find("options.cpu_isa") != std::string::npos);
+    }
+    // A forced kernel of another head dim: refused, naming the option.
+    request.cpu_isa = CpuIsa::Auto;
+    request.kernel = "attend_cpu_generic";
+    CHECK(select_kernel(request)->kernel.head_dim == 0);
+    request.head_dim = request.value_dim = 1000;
+    request.kernel = "attend_cpu_d" + std::to_string(d);
+    CHECK_FALSE(select_kernel(request, &why));
+    CHECK(why.find("options.kernel") != std::string::npos);
+}

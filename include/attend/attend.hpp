@@ -157,6 +157,21 @@ ATTEND_API const char *to_string(DType dtype);
 // when there is no driver or GPU.
 ATTEND_API const halide_device_interface_t *device_interface(Device device);
 
+// CUDA: what the driver compiled each CUDA kernel function into, for the kernels
+// that have run in this process (a kernel's module is compiled on its first
+// call), so a register spill cannot hide. The library JIT-compiles every module
+// with the register limit 255 (no cap), unless the environment variable
+// HL_CUDA_JIT_MAX_REGISTERS was set when the first module loaded (then that
+// value; Halide 21 alone would use 64).
+struct CudaFunctionInfo {
+    std::string kernel;    // e.g. "attend_cuda_d64_lanes_k8"
+    std::string function;  // its entry point in the module, e.g. "_kernel_partial_s0_io_block_id_z"
+    int max_registers = -1;  // the JIT limit its module was compiled with (-1: none given)
+    int registers = -1;      // registers per thread (-1: the driver could not say)
+    int local_bytes = -1;    // local memory per thread, spills included (-1: the driver could not say)
+};
+ATTEND_API std::vector<CudaFunctionInfo> cuda_functions();
+
 ATTEND_API void forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const DLTensor *mask,
                         const DLTensor &out, const Options &options = {});
 // The same, also writing lse (float32 [b, h, n]; nullptr: not wanted).

@@ -50,13 +50,15 @@ inline DLDataType from_halide(halide_type_t t) {
     return DLDataType{code, t.bits, t.lanes};
 }
 
-// And back (DLPack bool: Halide's bool).
+// And back (DLPack bool: Halide's bool; a code Halide has no type for: a
+// handle, which validation rejects).
 inline halide_type_t to_halide(DLDataType t) {
     if (t.code == kBoolCode) return halide_type_t(halide_type_uint, 1, t.lanes);
-    const halide_type_code_t code = t.code == kDLFloat ? halide_type_float
-                                    : t.code == kDLInt ? halide_type_int
-                                    : t.code == kDLUInt ? halide_type_uint
-                                                        : halide_type_bfloat;
+    const halide_type_code_t code = t.code == kDLFloat    ? halide_type_float
+                                    : t.code == kDLInt    ? halide_type_int
+                                    : t.code == kDLUInt   ? halide_type_uint
+                                    : t.code == kDLBfloat ? halide_type_bfloat
+                                                          : halide_type_handle;
     return halide_type_t(code, t.bits, t.lanes);
 }
 

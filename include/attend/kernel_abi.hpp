@@ -47,7 +47,7 @@ inline constexpr const char *kForwardKernelArgNames[] = {
     "seed_lo", "seed_hi", "causal_offset", "all_keys_rows", "key_splits", "out"};
 
 // The one place the struct becomes positional arguments.
-inline int call(ForwardKernel kernel, const void *user_context, const ForwardKernelArgs &a) {
+inline int call_kernel(ForwardKernel kernel, const void *user_context, const ForwardKernelArgs &a) {
     return kernel(user_context, a.q, a.k, a.v, a.mask, a.scale, a.causal, a.has_mask, a.drop_threshold, a.keep_scale,
                   a.seed_lo, a.seed_hi, a.causal_offset, a.all_keys_rows, a.key_splits, a.out, a.lse);
 }

@@ -5,8 +5,13 @@
 // device memory in host memory and the driver's rules: calls before cuInit fail,
 // work needs a current context, copies must stay inside allocations, and after
 // a fault every call that works in the context fails with the fault's error.
-// It runs no kernels. Settings: fake_cuda.h.
+// It runs no kernels. It records the JIT options each module is loaded with, and
+// (with ptxas=PATH) compiles each module's PTX with ptxas under that register
+// limit, so cuFuncGetAttribute reports the registers and local memory a driver
+// would give it. Settings: fake_cuda.h.
 #include "fake_cuda.h"
+
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -43,8 +48,21 @@ struct Context {
     CUresult sticky = kSuccess;  // once a kernel faulted: every later call in the context fails with it
 };
 
+// What ptxas makes of one function of a module (-1: not known).
+struct Figures {
+    int registers = -1, local_bytes = -1;
+};
+
+struct Function {
+    Figures figures;
+};
+
 struct Module {
     Context *context;
+    int max_registers = -1;   // the CU_JIT_MAX_REGISTERS option it was loaded with (-1: none)
+    int registers_needed = -1;  // the most registers any function uses with no limit (ptxas; -1: not known)
+    std::map<std::string, Figures> figures;  // per function, under max_registers (ptxas; empty: not known)
+    std::map<std::string, Function> functions;  // looked up so far: they live as long as the module
 };
 
 struct Allocation {
@@ -61,6 +79,7 @@ struct Settings {  // see fake_cuda.h
     Launch launch = Launch::Unsupported;
     bool fault_next_launch = false;
     uint64_t fault_at_copy_to_host = 0;  // 0: none; else the count of device-to-host copies that faults
+    std::string ptxas;                   // compiles each module's PTX for its figures; empty: none
 };
 
 struct State {
@@ -70,6 +89,7 @@ struct State {
     std::vector<Context *> primary;  // one per device, made on first use, never freed
     std::map<CUdeviceptr, Allocation> allocations;
     AttendFakeCudaStats stats{};
+    std::vector<AttendFakeCudaModule> loaded_modules;  // every module loaded, in order
 };
 
 // The driver's state outlives every caller, as a real driver's does: Halide's
@@ -128,6 +148,8 @@ int configure_locked(State &s, const char *settings) {
         } else if (key == "fault" && (value == "launch" || value == "none")) {
             next.fault_next_launch = value == "launch";
             if (value == "none") next.fault_at_copy_to_host = 0;
+        } else if (key == "ptxas") {
+            next.ptxas = value;
         } else if (key == "fault" && value.rfind("copy_to_host:", 0) == 0 &&
                    parse(value.substr(13), 1, 1000000, number)) {
             next.fault_at_copy_to_host = s.stats.copies_to_host + uint64_t(number);
@@ -199,6 +221,40 @@ CUresult copy(CUdeviceptr device_to, void *host_to, CUdeviceptr device_from, con
     return kSuccess;
 }
 
+// Per function of a PTX module, what `ptxas -v` reports for sm_90 (the H100 and
+// H200) under a register limit (-1: none); empty when it cannot run.
+std::map<std::string, Figures> ptxas_figures(const std::string &ptxas, const char *ptx, int max_registers) {
+    std::map<std::string, Figures> result;
+    char source[] = "/tmp/attend_fake_cuda_XXXXXX";
+    const int fd = mkstemp(source);
+    if (fd < 0) return result;
+    const size_t length = std::strlen(ptx);
+    const bool written = write(fd, ptx, length) == ssize_t(length);
+    close(fd);
+    std::string command = "'" + ptxas + "' -arch=sm_90 -v -O3 -o /dev/null";
+    if (max_registers > 0) command += " --maxrregcount=" + std::to_string(max_registers);
+    command += " '" + std::string(source) + "' 2>&1";
+    FILE *out = written ? popen(command.c_str(), "r") : nullptr;
+    // "Function properties for NAME" / "N bytes stack frame, ..." / "Used R registers, ..."
+    std::string function;
+    char line[4096];
+    while (out && std::fgets(line, sizeof line, out)) {
+        const std::string text = line;
+        size_t at;
+        if ((at = text.find("Function properties for ")) != std::string::npos) {
+            function = text.substr(at + 24);
+            function.erase(function.find_last_not_of(" \n\r") + 1);
+        } else if ((at = text.find(" bytes stack frame")) != std::string::npos && !function.empty()) {
+            result[function].local_bytes = std::atoi(text.c_str() + text.find_first_not_of(" \t"));
+        } else if ((at = text.find("Used ")) != std::string::npos && !function.empty()) {
+            result[function].registers = std::atoi(text.c_str() + at + 5);
+        }
+    }
+    if (out && pclose(out) != 0) result.clear();
+    unlink(source);
+    return result;
+}
+
 bool initialised() {
     State &s = state();
     std::lock_guard<std::mutex> guard(s.lock);
@@ -213,6 +269,13 @@ int attend_fake_cuda_configure(const char *settings) {
     State &s = state();
     std::lock_guard<std::mutex> guard(s.lock);
     return configure_locked(s, settings);
+}
+
+int attend_fake_cuda_modules(AttendFakeCudaModule *modules, int capacity) {
+    State &s = state();
+    std::lock_guard<std::mutex> guard(s.lock);
+    for (int i = 0; i < capacity && size_t(i) < s.loaded_modules.size(); i++) modules[i] = s.loaded_modules[size_t(i)];
+    return int(s.loaded_modules.size());
 }
 
 void attend_fake_cuda_stats(AttendFakeCudaStats *stats) {
@@ -370,12 +433,24 @@ CUresult cuCtxSynchronize() {
 
 CUresult cuStreamSynchronize(void *) { return cuCtxSynchronize(); }
 
-CUresult cuModuleLoadDataEx(void **module, const void *image, unsigned, int *, void **) {
+CUresult cuModuleLoadDataEx(void **module, const void *image, unsigned count, int *options, void **values) {
     State &s = state();
     std::lock_guard<std::mutex> guard(s.lock);
     if (CUresult r = enter_work(s)) return r;
     if (!image) return kInvalidValue;
-    *module = new Module{current()};
+    auto *m = new Module{current()};
+    for (unsigned i = 0; i < count; i++) {
+        if (options[i] == 0 /* CU_JIT_MAX_REGISTERS */) m->max_registers = int(reinterpret_cast<uintptr_t>(values[i]));
+    }
+    if (!s.settings.ptxas.empty()) {
+        const char *ptx = static_cast<const char *>(image);
+        m->figures = ptxas_figures(s.settings.ptxas, ptx, m->max_registers);
+        for (const auto &[name, figures] : ptxas_figures(s.settings.ptxas, ptx, -1)) {
+            m->registers_needed = std::max(m->registers_needed, figures.registers);
+        }
+    }
+    s.loaded_modules.push_back(AttendFakeCudaModule{m->max_registers, m->registers_needed});
+    *module = m;
     return kSuccess;
 }
 
@@ -391,7 +466,22 @@ CUresult cuModuleGetFunction(void **function, void *module, const char *name) {
     std::lock_guard<std::mutex> guard(s.lock);
     if (CUresult r = enter_work(s)) return r;
     if (!module || !name) return kInvalidHandle;
-    *function = module;  // a kernel is known by its module: nothing here runs it
+    auto *m = static_cast<Module *>(module);
+    auto figures = m->figures.find(name);
+    Function &f = m->functions[name];
+    f.figures = figures == m->figures.end() ? Figures() : figures->second;
+    *function = &f;
+    return kSuccess;
+}
+
+// Known attributes: CU_FUNC_ATTRIBUTE_NUM_REGS (4) and LOCAL_SIZE_BYTES (3),
+// from ptxas (NOT_SUPPORTED without ptxas=PATH).
+CUresult cuFuncGetAttribute(int *value, int attribute, void *function) {
+    if (!value || !function) return kInvalidValue;
+    const Figures &f = static_cast<Function *>(function)->figures;
+    const int known = attribute == 4 ? f.registers : attribute == 3 ? f.local_bytes : -1;
+    if (known < 0) return kNotSupported;
+    *value = known;
     return kSuccess;
 }
 

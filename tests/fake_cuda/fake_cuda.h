@@ -19,6 +19,10 @@ extern "C" {
 //                    reads a bad address does on a GPU (the error is sticky)
 //   fault=copy_to_host:N  the Nth device-to-host copy from now faults the same way
 //   fault=none       no fault
+//   ptxas=PATH       compile each module's PTX with this ptxas (sm_90) under the
+//                    register limit it was loaded with: cuFuncGetAttribute then
+//                    reports its registers and local bytes (else NOT_SUPPORTED),
+//                    and attend_fake_cuda_modules what it needs with no limit
 // Returns 0, or -1 for a setting it does not know (nothing is changed then).
 int attend_fake_cuda_configure(const char *settings);
 
@@ -31,4 +35,13 @@ struct AttendFakeCudaStats {
     uint64_t allocations;      // successful cuMemAlloc calls
 };
 void attend_fake_cuda_stats(AttendFakeCudaStats *stats);
+
+// Every module loaded so far, in order: the JIT register limit it was given,
+// and (with ptxas=PATH) the most registers one of its functions uses with no
+// limit. Fills at most `capacity` and returns how many there are.
+struct AttendFakeCudaModule {
+    int max_registers;     // CU_JIT_MAX_REGISTERS (-1: not given)
+    int registers_needed;  // -1: not known
+};
+int attend_fake_cuda_modules(AttendFakeCudaModule *modules, int capacity);
 }
