@@ -75,6 +75,12 @@ public:
     // Causal masks key j for query i when j > i + causal_offset (0: top-left,
     // m - n: bottom-right).
     Input<int32_t> causal_offset{"causal_offset"};
+    // The global positions of the call's first query and key (a shard of a longer
+    // sequence): the dropout hash takes row + query_offset and key + key_offset,
+    // so the shards of a sequence drop what the whole call would. (Causal gets
+    // them through causal_offset.)
+    Input<int32_t> query_offset{"query_offset"};
+    Input<int32_t> key_offset{"key_offset"};
     // Causal: rows below this may have every key masked (the runtime computes it
     // from the mask and the offset), so their tiles visit every key block.
     Input<int32_t> all_keys_rows{"all_keys_rows"};
@@ -166,7 +172,7 @@ private:
         block_sum(ii, kb, io, hq, bb) += weight(ii, rj, kb, io, hq, bb);
 
         // Dropout zeroes weights after the softmax: the sum above keeps them all.
-        Expr kept = dropout_kept(seed_lo, seed_hi, bb, hq, row, key, drop_threshold);
+        Expr kept = dropout_kept(seed_lo, seed_hi, bb, hq, row + query_offset, key + key_offset, drop_threshold);
         kept_weight(ii, jj, kb, io, hq, bb) = select(kept, weight(ii, jj, kb, io, hq, bb), 0.0f);
 
         block_out(ii, c, kb, io, hq, bb) = 0.0f;
@@ -264,6 +270,8 @@ private:
         seed_lo.set_estimate(0);
         seed_hi.set_estimate(0);
         causal_offset.set_estimate(0);
+        query_offset.set_estimate(0);
+        key_offset.set_estimate(0);
         all_keys_rows.set_estimate(0);
         key_splits.set_estimate(1);
     }

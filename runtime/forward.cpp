@@ -98,6 +98,8 @@ ForwardKernelArgs forward_args(const Problem &p, const Options &options) {
     a.seed_lo = uint32_t(p.seed);
     a.seed_hi = uint32_t(p.seed >> 32);
     a.causal_offset = int32_t(p.causal_offset);
+    a.query_offset = int32_t(p.query_offset);
+    a.key_offset = int32_t(p.key_offset);
     a.all_keys_rows = int32_t(all_keys_rows_of(p));
     a.key_splits = key_splits_for(p, options);
     return a;

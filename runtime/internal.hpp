@@ -52,7 +52,8 @@ struct Problem {
     uint32_t drop_threshold = 0;  // weights whose 24-bit uniform is below it are dropped
     float keep_scale = 1.0f;      // 1 / (1 - p); 0 when p = 1
     uint64_t seed = 0;
-    int64_t causal_offset = 0;    // key j is masked for query i when j > i + causal_offset
+    int64_t causal_offset = 0;    // key j is masked for query i when j > i + causal_offset (offsets included)
+    int64_t query_offset = 0, key_offset = 0;  // global positions of the first query and key
     Selection selection;          // the kernel that runs it
     bool empty() const { return b == 0 || h == 0 || n == 0 || dv == 0; }
 };

@@ -18,7 +18,8 @@ std::vector<double> forward(const Shape &s, const float *q, const float *k, cons
     const bool dropout = options.training && options.dropout > 0.0f;
     const uint32_t threshold = dropout ? dropout::threshold_for(options.dropout) : 0;
     const double keep_scale = options.dropout < 1.0f ? 1.0 / (1.0 - double(options.dropout)) : 0.0;
-    const int64_t causal_offset = options.causal_align == CausalAlign::BottomRight ? s.m - s.n : 0;
+    const int64_t causal_offset = (options.causal_align == CausalAlign::BottomRight ? s.m - s.n : 0) +
+                                  options.query_offset - options.key_offset;
 
     std::vector<double> out(size_t(s.b * s.h * s.n * s.dv), 0.0), score(size_t(s.m));
     if (lse) lse->assign(size_t(s.b * s.h * s.n), 0.0);
@@ -47,7 +48,8 @@ std::vector<double> forward(const Shape &s, const float *q, const float *k, cons
                 for (int64_t j = 0; j < s.m; j++) {
                     double weight = score[j] / sum;
                     if (dropout) {
-                        bool kept = dropout::keep(options.seed, uint32_t(b), uint32_t(h), uint32_t(i), uint32_t(j),
+                        bool kept = dropout::keep(options.seed, uint32_t(b), uint32_t(h),
+                                                  uint32_t(i + options.query_offset), uint32_t(j + options.key_offset),
                                                   threshold);
                         weight = kept ? weight * keep_scale : 0.0;
                     }

@@ -171,6 +171,12 @@ void check_options(const Options &options) {
         options.device != Device::OpenCL) {
         fail("options.device: unknown device " + std::to_string(int(options.device)));
     }
+    if (options.query_offset < 0) {
+        fail("options.query_offset: expected a position >= 0, got " + std::to_string(options.query_offset));
+    }
+    if (options.key_offset < 0) {
+        fail("options.key_offset: expected a position >= 0, got " + std::to_string(options.key_offset));
+    }
     if (options.key_splits < 0 || options.key_splits > 64) {
         fail("options.key_splits: expected 0 (automatic) to 64, got " + std::to_string(options.key_splits));
     }
@@ -375,7 +381,22 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
     p.drop_threshold = dropout ? attend::dropout::threshold_for(options.dropout) : 0;
     p.keep_scale = !dropout ? 1.0f : options.dropout < 1.0f ? float(1.0 / (1.0 - double(options.dropout))) : 0.0f;
     p.features = Features{mask.present, options.causal, p.drop_threshold > 0};
-    p.causal_offset = options.causal_align == CausalAlign::BottomRight ? p.m - p.n : 0;
+    p.query_offset = options.query_offset;
+    p.key_offset = options.key_offset;
+    if (p.query_offset > INT32_MAX - p.n) {
+        fail("options.query_offset: " + std::to_string(p.query_offset) + " + n (" + std::to_string(p.n) +
+             ") must be at most 2147483647 (the kernels' positions are 32-bit)");
+    }
+    if (p.key_offset > INT32_MAX - p.m) {
+        fail("options.key_offset: " + std::to_string(p.key_offset) + " + m (" + std::to_string(p.m) +
+             ") must be at most 2147483647 (the kernels' positions are 32-bit)");
+    }
+    p.causal_offset = (options.causal_align == CausalAlign::BottomRight ? p.m - p.n : 0) + p.query_offset - p.key_offset;
+    if (p.causal_offset < INT32_MIN || p.causal_offset > INT32_MAX) {
+        fail("options.query_offset: the causal diagonal, query_offset - key_offset (" +
+             std::to_string(p.query_offset) + " - " + std::to_string(p.key_offset) +
+             ") plus the alignment, must fit in 32 bits");
+    }
 
     // The kernel, checked against everything above.
     KernelRequest request;

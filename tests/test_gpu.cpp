@@ -194,6 +194,22 @@ TEST_CASE("dropout: the same weights are dropped as on the CPU, and the result m
     }
 }
 
+TEST_CASE("a shard of a sequence at its global positions (query_offset, key_offset): causal, a mask, dropout") {
+    // The oracle takes the same offsets; the CPU tests merge such shards into the whole call.
+    Options options;
+    options.causal = true;
+    options.training = true;
+    options.dropout = 0.25f;
+    options.seed = 99;
+    options.query_offset = 70;
+    options.key_offset = 40;
+    for (int64_t d : built_head_dims()) {
+        ProblemSpec spec = spec_of(2, 2, 33, 100, d);
+        spec.mask = true;
+        check_gpu(spec, options);
+    }
+}
+
 TEST_CASE("float16 and bfloat16: against the reference and the float32 kernel") {
     ProblemSpec plain = spec_of(2, 2, 65, 130, 64), masked = spec_of(1, 4, 70, 90, 32), padded = spec_of(2, 1, 33, 50, 24);
     masked.mask = true;

@@ -1,6 +1,7 @@
 // The log-sum-exp output and attend::merge: lse against the oracle's (including
-// -inf for fully masked rows), and attention over all keys equal to the merge of
-// attentions over a split of the keys into parts.
+// -inf for fully masked rows), attention over all keys equal to the merge of
+// attentions over a split of the keys into parts, and shards of a sequence at
+// their global positions (Options::query_offset, key_offset).
 #include <functional>
 #include <numeric>
 
@@ -111,7 +112,114 @@ void check_merge(int parts, bool with_mask, bool in_place) {
     check_lse(whole, expected.lse);
 }
 
+// Shards of the keys with their global positions (Options::key_offset), merged,
+// against the oracle of the whole call: `whole` is the whole call's options, run
+// by `kernel` at `isa`. A bottom-right call's shards run TopLeft with
+// query_offset + M - N (the documented way), so that case has no dropout.
+void check_shards(const KernelInfo &kernel, CpuIsa isa, const Options &whole_options, int parts) {
+    const int64_t d = kernel.head_dim ? kernel.head_dim : 48;
+    ProblemSpec spec = spec_of(3, 2, 37, 300, d);
+    auto whole = make_problem(spec, whole_options);
+    auto cuts = random_cuts(spec.m, parts, 200 + uint32_t(parts));
+    whole.mask = mask_for_merge(spec.m, cuts[1]);
+    auto expected = whole.expected();
+
+    Problem acc;
+    int64_t acc_keys = 0;
+    for (size_t part = 0; part + 1 < cuts.size(); part++) {
+        Problem p = make_problem(spec, whole_options);
+        p.options.kernel = kernel.name;
+        p.options.cpu_isa = isa;
+        p.options.key_offset = whole_options.key_offset + cuts[part];
+        if (whole_options.causal_align == CausalAlign::BottomRight) {
+            p.options.causal_align = CausalAlign::TopLeft;
+            p.options.query_offset = whole_options.query_offset + spec.m - spec.n;
+        }
+        p.shape.m = cuts[part + 1] - cuts[part];
+        p.q = whole.q;
+        p.k = key_slice(whole.k, cuts[part], cuts[part + 1]);
+        p.v = key_slice(whole.v, cuts[part], cuts[part + 1]);
+        p.mask = key_slice(*whole.mask, cuts[part], cuts[part + 1]);
+        p.run();
+        if (part == 0) {
+            acc = p;
+        } else {
+            DLTensor oa = acc.out.dl(), la = acc.lse->dl(), ob = p.out.dl(), lb = p.lse->dl();
+            merge(oa, la, acc_keys, ob, lb, p.shape.m, oa, la);
+        }
+        acc_keys += p.shape.m;
+    }
+    double max_v = 0, largest_lse = 0;
+    for (float x : whole.v.dense()) max_v = std::max(max_v, double(std::fabs(x)));
+    for (double l : expected.lse) largest_lse = std::isfinite(l) ? std::max(largest_lse, std::fabs(l)) : largest_lse;
+    const double tolerance = fp32_tolerance(whole) + 2.0 * lse_tolerance(whole, largest_lse) * max_v +
+                             double(parts) * FLT_EPSILON * max_v;
+    auto c = compare(acc.out.dense(), expected);
+    INFO(kernel.name << " " << to_string(isa) << ", " << parts << " parts, causal " << whole_options.causal
+                     << (whole_options.causal_align == CausalAlign::BottomRight ? " bottom-right" : "")
+                     << ", dropout " << whole_options.dropout << ", query_offset " << whole_options.query_offset
+                     << ": max error " << c.max_error << ", tolerance " << tolerance);
+    CHECK(c.not_finite == 0);
+    CHECK(c.max_error <= tolerance);
+    whole.lse = acc.lse;
+    check_lse(whole, expected.lse);
+}
+
 }  // namespace
+
+TEST_CASE("shards of the keys at their global positions (key_offset), merged, equal the whole call: every "
+          "float32 CPU kernel, with a mask, causal and dropout") {
+    for (const auto &kernel : available_kernels()) {
+        if (kernel.device != Device::CPU || kernel.dtype != DType::Float32) continue;
+        for (CpuIsa isa : supported_cpu_isas()) {
+            Options dropout;  // top-left causal and dropout, the whole call itself a shard of the queries
+            dropout.causal = true;
+            dropout.training = true;
+            dropout.dropout = 0.3f;
+            dropout.seed = 0x1234567890ull;
+            dropout.query_offset = 5;
+            check_shards(kernel, isa, dropout, 3);
+            Options bottom_right;  // n < m: its diagonal cuts every shard differently
+            bottom_right.causal = true;
+            bottom_right.causal_align = CausalAlign::BottomRight;
+            check_shards(kernel, isa, bottom_right, 4);
+        }
+    }
+}
+
+TEST_CASE("query_offset and key_offset: the dropout mask is a function of the global positions") {
+    // Rows 10.. of a call equal a call over those rows with query_offset 10; keys likewise.
+    auto spec = spec_of(1, 2, 30, 50, 64);
+    Options options;
+    options.training = true;
+    options.dropout = 0.5f;
+    options.seed = 77;
+    auto whole = make_problem(spec, options);
+    whole.run();
+    auto tail = make_problem(spec_of(1, 2, 20, 50, 64), options);
+    tail.options.query_offset = 10;
+    for (int64_t h = 0; h < 2; h++)
+        for (int64_t i = 0; i < 20; i++)
+            for (int64_t c = 0; c < 64; c++) tail.q.at({0, h, i, c}) = whole.q.at({0, h, i + 10, c});
+    tail.k = whole.k;
+    tail.v = whole.v;
+    tail.run();
+    // The same rows over the same keys: equal within rounding (a different mask
+    // would move them by about |v|).
+    const double tolerance = fp32_tolerance(whole);
+    double largest = 0;
+    for (int64_t h = 0; h < 2; h++)
+        for (int64_t i = 0; i < 20; i++)
+            for (int64_t c = 0; c < 64; c++) {
+                largest = std::max(largest, double(std::fabs(tail.out.at({0, h, i, c}) - whole.out.at({0, h, i + 10, c}))));
+            }
+    CHECK(largest <= tolerance);
+    // Another offset draws another mask.
+    auto shifted = make_problem(spec, options);
+    shifted.options.key_offset = 1;
+    shifted.run();
+    CHECK(shifted.out.storage != whole.out.storage);
+}
 
 TEST_CASE("lse is -inf exactly for rows with every key masked, finite for the others") {
     auto spec = spec_of(2, 2, 50, 70, 64);

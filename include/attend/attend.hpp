@@ -93,6 +93,16 @@ struct Options {
     std::string kernel;            // force a kernel by name (tests, tuning); empty: select_kernel decides
     int key_splits = 0;            // chunks of keys computed in parallel and merged (GPU); 0: chosen from the
                                    // size (1 on the CPU), at most 64
+    // A shard of a longer sequence: the global positions of the call's first query
+    // and first key (>= 0; query_offset + n and key_offset + m at most 2^31 - 1).
+    // Causal compares global positions (key j is masked for query i when
+    // j + key_offset > i + query_offset, plus m - n for BottomRight, the call's own
+    // m and n) and the dropout hash takes them, so attention over a shard of the
+    // keys is exactly that part of attention over all keys: merge() of the shards
+    // gives the whole call. A bottom-right call split into key shards: give each
+    // shard TopLeft and query_offset + M - N (M, N the whole call's).
+    int64_t query_offset = 0;
+    int64_t key_offset = 0;
 };
 
 // A failure while running a kernel (Halide runtime error, out of memory).
@@ -201,8 +211,8 @@ ATTEND_API void forward(const Halide::Runtime::Buffer<const void> &q, const Hali
 // part has the sum) only matter for such rows. Shapes: out_* [b, h, n, dv] and
 // lse_* [b, h, n], float32, host memory, any strides. out may be out_a or out_b
 // (the same tensor, to accumulate in place), and lse likewise; other overlaps are
-// rejected. Dropout composes only if each part's dropout mask was drawn for its
-// own key positions (the mask is a function of the key index within a call).
+// rejected. Causal and dropout compose when each part was computed at its keys'
+// global positions (Options::key_offset).
 ATTEND_API void merge(const DLTensor &out_a, const DLTensor &lse_a, int64_t keys_a, const DLTensor &out_b,
                       const DLTensor &lse_b, int64_t keys_b, const DLTensor &out, const DLTensor &lse);
 // The same on Halide buffers: out_* (dv, n, h, b), lse_* (n, h, b).

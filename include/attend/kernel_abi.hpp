@@ -28,6 +28,8 @@ struct ForwardKernelArgs {
     float keep_scale = 1.0f;      // 1 / (1 - p); 0 when p = 1
     uint32_t seed_lo = 0, seed_hi = 0;
     int32_t causal_offset = 0;  // causal masks key j for query i when j > i + causal_offset
+    int32_t query_offset = 0;   // global positions of the first query and key: the dropout hash's row and key
+    int32_t key_offset = 0;
     int32_t all_keys_rows = 0;  // causal: rows below it may have every key masked (their tiles visit every key)
     int32_t key_splits = 1;     // chunks of keys computed in parallel and merged (GPU)
     halide_buffer_t *out = nullptr, *lse = nullptr;
@@ -37,19 +39,20 @@ struct ForwardKernelArgs {
 #define ATTEND_FORWARD_KERNEL_PARAMS                                                                             \
     (const void *user_context, halide_buffer_t *q, halide_buffer_t *k, halide_buffer_t *v, halide_buffer_t *mask, \
      float scale, bool causal, bool has_mask, uint32_t drop_threshold, float keep_scale, uint32_t seed_lo,      \
-     uint32_t seed_hi, int32_t causal_offset, int32_t all_keys_rows, int32_t key_splits, halide_buffer_t *out,  \
-     halide_buffer_t *lse)
+     uint32_t seed_hi, int32_t causal_offset, int32_t query_offset, int32_t key_offset, int32_t all_keys_rows,   \
+     int32_t key_splits, halide_buffer_t *out, halide_buffer_t *lse)
 using ForwardKernel = int(*) ATTEND_FORWARD_KERNEL_PARAMS;
 
 // The generator's Inputs, then its Output, by name (out is the Tuple of out and lse).
 inline constexpr const char *kForwardKernelArgNames[] = {
     "q", "k", "v", "mask", "scale", "causal", "has_mask", "drop_threshold", "keep_scale",
-    "seed_lo", "seed_hi", "causal_offset", "all_keys_rows", "key_splits", "out"};
+    "seed_lo", "seed_hi", "causal_offset", "query_offset", "key_offset", "all_keys_rows", "key_splits", "out"};
 
 // The one place the struct becomes positional arguments.
 inline int call_kernel(ForwardKernel kernel, const void *user_context, const ForwardKernelArgs &a) {
     return kernel(user_context, a.q, a.k, a.v, a.mask, a.scale, a.causal, a.has_mask, a.drop_threshold, a.keep_scale,
-                  a.seed_lo, a.seed_hi, a.causal_offset, a.all_keys_rows, a.key_splits, a.out, a.lse);
+                  a.seed_lo, a.seed_hi, a.causal_offset, a.query_offset, a.key_offset, a.all_keys_rows, a.key_splits,
+                  a.out, a.lse);
 }
 
 // The function type of each operation's kernels (the table checks the generated
