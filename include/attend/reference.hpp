@@ -24,4 +24,17 @@ ATTEND_API std::vector<double> forward(const Shape &shape, const float *q, const
                                        const uint8_t *mask, const Options &options,
                                        std::vector<double> *lse = nullptr);
 
+// The gradients of forward()'s out, as the original module's autograd gives them
+// for an upstream gradient dout [b, h, n, dv]: dq [b, h, n, d], and dk, dv in k's
+// and v's shapes, summed over the heads that share a kv head. Masked scores are a
+// constant (masked_fill), so no gradient flows through them: a row with every
+// key masked gives dq = 0 and nothing to dk, and its uniform weights 1/m over
+// all keys (times the dropout factor Z/(1 - p)) send dv_j += Z_ij/(1 - p) dout_i / m
+// to every key j.
+struct Gradients {
+    std::vector<double> dq, dk, dv;
+};
+ATTEND_API Gradients backward(const Shape &shape, const float *q, const float *k, const float *v,
+                              const uint8_t *mask, const float *dout, const Options &options);
+
 }  // namespace attend::reference
