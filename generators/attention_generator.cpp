@@ -172,7 +172,10 @@ private:
         block_sum(ii, kb, io, hq, bb) += weight(ii, rj, kb, io, hq, bb);
 
         // Dropout zeroes weights after the softmax: the sum above keeps them all.
-        Expr kept = dropout_kept(seed_lo, seed_hi, bb, hq, row + query_offset, key + key_offset, drop_threshold);
+        // Unsigned: the positions of padded rows and keys past the end may pass
+        // 2^31 - 1 (their weights are discarded; the sum must not overflow).
+        Expr kept = dropout_kept(seed_lo, seed_hi, bb, hq, cast<uint32_t>(row) + cast<uint32_t>(query_offset),
+                                 cast<uint32_t>(key) + cast<uint32_t>(key_offset), drop_threshold);
         kept_weight(ii, jj, kb, io, hq, bb) = select(kept, weight(ii, jj, kb, io, hq, bb), 0.0f);
 
         block_out(ii, c, kb, io, hq, bb) = 0.0f;

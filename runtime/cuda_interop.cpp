@@ -22,12 +22,14 @@
 // compiled it into.
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <vector>
 
 #include <HalideRuntimeCuda.h>
@@ -196,17 +198,20 @@ using FuncGetAttribute = CUresult (*)(int *, int, void *);
 // record: Halide loads modules and looks up functions on the calling thread.
 thread_local const char *running_kernel = nullptr;
 
-struct LoadedFunction {
-    std::string kernel, function;
-    int max_registers = -1;  // the JIT limit its module was compiled with (-1: none given)
-    void *handle = nullptr;
-};
+// What the driver compiled a kernel function into, read when Halide first looks
+// it up in a module (its context is current then; a handle would not outlive
+// the module, which Halide may unload).
 std::mutex record_lock;
-std::map<void *, int> module_limits;          // module -> the JIT register limit it was loaded with
-std::map<std::string, LoadedFunction> loaded;  // by "kernel/function", the latest lookup
+std::map<void *, int> module_limits;  // module -> the JIT register limit it was loaded with
+std::map<std::pair<void *, std::string>, CudaFunctionInfo> loaded;  // by (module, function)
+
+template <class Function>
+Function driver_function(const char *name) {
+    return driver_library() ? reinterpret_cast<Function>(dlsym(driver_library(), name)) : nullptr;
+}
 
 CUresult load_module(void **module, const void *image, unsigned count, int *options, void **values) {
-    static const auto real = reinterpret_cast<ModuleLoadDataEx>(dlsym(driver_library(), "cuModuleLoadDataEx"));
+    static const auto real = driver_function<ModuleLoadDataEx>("cuModuleLoadDataEx");
     static const bool caller_chose = std::getenv("HL_CUDA_JIT_MAX_REGISTERS") != nullptr;
     std::vector<int> own_options(options, options + count);
     std::vector<void *> own_values(values, values + count);
@@ -220,18 +225,27 @@ CUresult load_module(void **module, const void *image, unsigned count, int *opti
     if (result == 0) {
         std::lock_guard<std::mutex> guard(record_lock);
         module_limits[*module] = limit;
+        // A new module at the address of an unloaded one: forget the old one's functions.
+        loaded.erase(loaded.lower_bound({*module, std::string()}), loaded.lower_bound({static_cast<char *>(*module) + 1, std::string()}));
     }
     return result;
 }
 
 CUresult get_function(void **function, void *module, const char *name) {
-    static const auto real = reinterpret_cast<ModuleGetFunction>(dlsym(driver_library(), "cuModuleGetFunction"));
+    static const auto real = driver_function<ModuleGetFunction>("cuModuleGetFunction");
+    static const auto attribute = driver_function<FuncGetAttribute>("cuFuncGetAttribute");
     const CUresult result = real(function, module, name);
-    if (result == 0 && running_kernel) {
-        std::lock_guard<std::mutex> guard(record_lock);
-        auto limit = module_limits.find(module);
-        LoadedFunction f{running_kernel, name, limit == module_limits.end() ? -1 : limit->second, *function};
-        loaded[f.kernel + "/" + f.function] = f;
+    if (result != 0 || !running_kernel) return result;
+    std::lock_guard<std::mutex> guard(record_lock);
+    // Halide looks a function up at every launch: the first lookup in a module records it.
+    auto [at, first] = loaded.try_emplace({module, name});
+    if (!first) return result;
+    auto limit = module_limits.find(module);
+    CudaFunctionInfo &info = at->second;
+    info = CudaFunctionInfo{running_kernel, name, limit == module_limits.end() ? -1 : limit->second, -1, -1};
+    if (attribute) {
+        if (attribute(&info.registers, kFuncNumRegisters, *function) != 0) info.registers = -1;
+        if (attribute(&info.local_bytes, kFuncLocalSizeBytes, *function) != 0) info.local_bytes = -1;
     }
     return result;
 }
@@ -296,9 +310,11 @@ CudaKernelScope::~CudaKernelScope() {}
 // weak symbol in Halide, defined here): the driver's, except the two wrapped.
 extern "C" void *halide_cuda_get_symbol(void *, const char *name) {
     using namespace attend::detail;
+    void *symbol = driver_library() ? dlsym(driver_library(), name) : nullptr;
+    if (!symbol) return nullptr;  // Halide reports the driver function it lacks
     if (std::strcmp(name, "cuModuleLoadDataEx") == 0) return reinterpret_cast<void *>(&load_module);
     if (std::strcmp(name, "cuModuleGetFunction") == 0) return reinterpret_cast<void *>(&get_function);
-    return driver_library() ? dlsym(driver_library(), name) : nullptr;
+    return symbol;
 }
 #endif
 
@@ -307,19 +323,12 @@ namespace attend {
 std::vector<CudaFunctionInfo> cuda_functions() {
     std::vector<CudaFunctionInfo> all;
 #if ATTEND_HAS_CUDA
-    using namespace detail;
-    const auto attribute = driver_library()
-                               ? reinterpret_cast<FuncGetAttribute>(dlsym(driver_library(), "cuFuncGetAttribute"))
-                               : nullptr;
-    std::lock_guard<std::mutex> guard(record_lock);
-    for (const auto &[key, f] : loaded) {
-        CudaFunctionInfo info{f.kernel, f.function, f.max_registers, -1, -1};
-        if (attribute) {
-            if (attribute(&info.registers, kFuncNumRegisters, f.handle) != 0) info.registers = -1;
-            if (attribute(&info.local_bytes, kFuncLocalSizeBytes, f.handle) != 0) info.local_bytes = -1;
-        }
-        all.push_back(info);
-    }
+    std::lock_guard<std::mutex> guard(detail::record_lock);
+    for (const auto &[key, info] : detail::loaded) all.push_back(info);
+    // By kernel, then function (a kernel loaded in several contexts appears once per context).
+    std::sort(all.begin(), all.end(), [](const CudaFunctionInfo &a, const CudaFunctionInfo &b) {
+        return std::tie(a.kernel, a.function) < std::tie(b.kernel, b.function);
+    });
 #endif
     return all;
 }

@@ -391,12 +391,12 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
         fail("options.key_offset: " + std::to_string(p.key_offset) + " + m (" + std::to_string(p.m) +
              ") must be at most 2147483647 (the kernels' positions are 32-bit)");
     }
-    p.causal_offset = (options.causal_align == CausalAlign::BottomRight ? p.m - p.n : 0) + p.query_offset - p.key_offset;
-    if (p.causal_offset < INT32_MIN || p.causal_offset > INT32_MAX) {
-        fail("options.query_offset: the causal diagonal, query_offset - key_offset (" +
-             std::to_string(p.query_offset) + " - " + std::to_string(p.key_offset) +
-             ") plus the alignment, must fit in 32 bits");
-    }
+    // Key j is masked for query i when j > i + causal_offset. Beyond [-n, m] every
+    // key is masked for every row, or none is: clamped there, the kernels' row and
+    // key arithmetic stays within 32 bits whatever the offsets.
+    p.causal_offset = std::clamp((options.causal_align == CausalAlign::BottomRight ? p.m - p.n : 0) +
+                                     p.query_offset - p.key_offset,
+                                 -p.n, p.m);
 
     // The kernel, checked against everything above.
     KernelRequest request;

@@ -221,6 +221,28 @@ TEST_CASE("query_offset and key_offset: the dropout mask is a function of the gl
     CHECK(shifted.out.storage != whole.out.storage);
 }
 
+TEST_CASE("offsets at the 32-bit limit: a shard at query_offset 2^31 - 1 - n and key_offset 2^31 - 1 - m matches "
+          "the oracle, causal, both alignments, with dropout") {
+    for (const auto &kernel : available_kernels()) {
+        if (kernel.device != Device::CPU || kernel.dtype != DType::Float32) continue;
+        for (CausalAlign align : {CausalAlign::TopLeft, CausalAlign::BottomRight}) {
+            const int64_t d = kernel.head_dim ? kernel.head_dim : 48;
+            Options options;
+            options.causal = true;
+            options.causal_align = align;
+            options.training = true;
+            options.dropout = 0.25f;
+            options.kernel = kernel.name;
+            auto spec = spec_of(1, 2, 37, 50, d);
+            options.query_offset = 2147483647 - spec.n;
+            options.key_offset = 2147483647 - spec.m - (align == CausalAlign::TopLeft ? 20 : 0);
+            auto p = make_problem(spec, options);
+            INFO(kernel.name << (align == CausalAlign::TopLeft ? " top-left" : " bottom-right"));
+            check_against_reference(p, p.expected());
+        }
+    }
+}
+
 TEST_CASE("lse is -inf exactly for rows with every key masked, finite for the others") {
     auto spec = spec_of(2, 2, 50, 70, 64);
     Options options;

@@ -118,6 +118,18 @@ TEST_CASE("the oracle's backward equals finite differences of its forward (masks
             const int64_t last = s.b - 1;
             for (int64_t e = last * s.h * s.n * s.d; e < s.b * s.h * s.n * s.d; e++) CHECK(g.dq[size_t(e)] == 0.0);
             for (int64_t e = last * kv * s.m * s.d; e < s.b * kv * s.m * s.d; e++) CHECK(g.dk[size_t(e)] == 0.0);
+            const int64_t group = s.h / kv;
+            double largest = 0.0;
+            for (int64_t hk = 0; hk < kv; hk++)
+                for (int64_t j = 0; j < s.m; j++)
+                    for (int64_t c = 0; c < s.dv; c++) {
+                        double expected = 0.0;
+                        for (int64_t h = hk * group; h < (hk + 1) * group; h++)
+                            for (int64_t i = 0; i < s.n; i++) expected += double(dout[size_t(((last * s.h + h) * s.n + i) * s.dv + c)]);
+                        expected /= double(s.m);
+                        largest = std::max(largest, std::fabs(g.dv[size_t(((last * kv + hk) * s.m + j) * s.dv + c)] - expected));
+                    }
+            CHECK(largest <= 1e-12);  // the same sums in double, in another order
         }
     }
 }

@@ -99,8 +99,9 @@ struct Options {
     // j + key_offset > i + query_offset, plus m - n for BottomRight, the call's own
     // m and n) and the dropout hash takes them, so attention over a shard of the
     // keys is exactly that part of attention over all keys: merge() of the shards
-    // gives the whole call. A bottom-right call split into key shards: give each
-    // shard TopLeft and query_offset + M - N (M, N the whole call's).
+    // gives the whole call. A bottom-right call's causal mask over key shards: each
+    // shard TopLeft with query_offset + M - N (M >= N, the whole call's); its
+    // dropout rows are then those global positions, not the whole call's i.
     int64_t query_offset = 0;
     int64_t key_offset = 0;
 };

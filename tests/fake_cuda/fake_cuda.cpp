@@ -457,6 +457,8 @@ CUresult cuModuleLoadDataEx(void **module, const void *image, unsigned count, in
 CUresult cuModuleLoadData(void **module, const void *image) { return cuModuleLoadDataEx(module, image, 0, nullptr, nullptr); }
 
 CUresult cuModuleUnload(void *module) {
+    State &s = state();
+    std::lock_guard<std::mutex> guard(s.lock);
     delete static_cast<Module *>(module);
     return kSuccess;
 }
@@ -477,6 +479,8 @@ CUresult cuModuleGetFunction(void **function, void *module, const char *name) {
 // Known attributes: CU_FUNC_ATTRIBUTE_NUM_REGS (4) and LOCAL_SIZE_BYTES (3),
 // from ptxas (NOT_SUPPORTED without ptxas=PATH).
 CUresult cuFuncGetAttribute(int *value, int attribute, void *function) {
+    State &s = state();
+    std::lock_guard<std::mutex> guard(s.lock);
     if (!value || !function) return kInvalidValue;
     const Figures &f = static_cast<Function *>(function)->figures;
     const int known = attribute == 4 ? f.registers : attribute == 3 ? f.local_bytes : -1;
