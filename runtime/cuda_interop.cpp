@@ -226,7 +226,9 @@ CUresult load_module(void **module, const void *image, unsigned count, int *opti
         std::lock_guard<std::mutex> guard(record_lock);
         module_limits[*module] = limit;
         // A new module at the address of an unloaded one: forget the old one's functions.
-        loaded.erase(loaded.lower_bound({*module, std::string()}), loaded.lower_bound({static_cast<char *>(*module) + 1, std::string()}));
+        for (auto at = loaded.lower_bound({*module, std::string()}); at != loaded.end() && at->first.first == *module;) {
+            at = loaded.erase(at);
+        }
     }
     return result;
 }
