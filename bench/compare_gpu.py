@@ -11,6 +11,8 @@ what 16-bit users give up). Prints TFLOP/s, the ratio
 to SDPA and the fraction of the GPU's fp32 FMA peak (SMs x 128 lanes x 2 x the
 largest SM clock, from torch and nvidia-smi), and writes every figure as one
 JSON line per measurement (so a run cut short keeps what it measured).
+Last, the backward: the build's float32 backward kernel (`attend bench
+--backward`) against SDPA's backward through autograd (n=m up to 4096).
 
     python3 bench/compare_gpu.py --build build --out bench/results/gpu
 
@@ -71,20 +73,22 @@ def dtype_of(kernel):
     return next((t for t, suffix in SUFFIX.items() if suffix and kernel.endswith(suffix)), "float32")
 
 
-def attend_bench(build, device, kernel, s, key_splits=0, dtype="float32"):
+def attend_bench(build, device, kernel, s, key_splits=0, dtype="float32", backward=False):
     exe = Path(build) / "bin" / "attend"
     args = [str(exe), "bench", "--device", device, "--kernel", kernel, "--dtype", dtype, "--b", str(s["b"]), "--h", str(s["h"]),
             "--n", str(s["n"]), "--m", str(s["n"]), "--d", str(s["d"]), "--repeats", str(repeats(s)), "--json",
             "--key-splits", str(key_splits)]
     if s["causal"]:
         args.append("--causal")
+    if backward:
+        args.append("--backward")
     r = subprocess.run(args, capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
         return {"error": (r.stderr or r.stdout).strip()[-400:]}
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def torch_sdpa(s, on_gpu, dtype="float32"):
+def torch_sdpa(s, on_gpu, dtype="float32", backward=False):
     import torch
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -93,6 +97,14 @@ def torch_sdpa(s, on_gpu, dtype="float32"):
     shape = (s["b"], s["h"], s["n"], s["d"])
     q, k, v = (torch.randn(shape, device=dev, generator=g).to(getattr(torch, dtype)) for _ in range(3))
     f = torch.nn.functional.scaled_dot_product_attention
+    if backward:  # the backward alone: the graph built once, backward(retain_graph) per call
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        out = f(q, k, v, is_causal=s["causal"])
+        dout = torch.randn_like(out)
+
+        def f(q, k, v, is_causal):  # noqa: F811 (the timed call)
+            out.backward(dout, retain_graph=True)
 
     def elapsed_ms(calls):  # `calls` calls back to back, one wait at the end
         if on_gpu:
@@ -121,6 +133,17 @@ def torch_sdpa(s, on_gpu, dtype="float32"):
     return statistics.median(elapsed_ms(batch) / batch for _ in range(repeats(s)))
 
 
+def report(prefix, r, sdpa, peak):
+    """One measurement's line: TFLOP/s (or the error), the ratio to SDPA, the fraction of the peak."""
+    tf = r.get("tflops")
+    line = prefix + (f"{tf:8.2f} TFLOP/s" if tf else f"error: {r['error'][:120]}")
+    if tf and sdpa:
+        line += f"  {tf / sdpa:5.2f}x SDPA ({sdpa:.2f})"
+    if tf and peak:
+        line += f"  {tf / peak:5.1%} of peak"
+    return line
+
+
 def fp32_peak_tflops():
     """SMs x 128 fp32 lanes x 2 flops x the largest SM clock."""
     try:
@@ -138,7 +161,9 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     kernels = subprocess.run([str(Path(a.build) / "bin" / "attend"), "kernels"], capture_output=True, text=True).stdout
-    variants = [line.split()[0] for line in kernels.splitlines() if line.strip().startswith(f"attend_{a.device}_")]
+    # `attend kernels` lines: name, operation, device, ...
+    variants = [line.split()[0] for line in kernels.splitlines()
+                if line.strip().startswith(f"attend_{a.device}_") and line.split()[1] == "forward,"]
     peak, gpu = fp32_peak_tflops()
     try:
         import torch
@@ -184,13 +209,29 @@ def main():
             if "error" not in r:
                 r["tflops"] = flops(s) / r["median_ms"] / 1e9
             entry["attend"][label] = r
-            tf = r.get("tflops")
-            line = f"{name:37s} {label:32s} " + (f"{tf:8.2f} TFLOP/s" if tf else f"error: {r['error'][:120]}")
-            if tf and sdpa:
-                line += f"  {tf / sdpa:5.2f}x SDPA ({sdpa:.2f})"
-            if tf and peak:
-                line += f"  {tf / peak:5.1%} of peak"
-            print(line, flush=True)
+            print(report(f"{name:37s} {label:32s} ", r, sdpa, peak), flush=True)
+        log.write(json.dumps(entry) + "\n")
+        log.flush()
+        rows.append(entry)
+    # The backward (float32): the build's backward kernel against SDPA's backward
+    # through autograd, both counted as 10*b*h*n*m*d (halved for causal).
+    backward_kernels = [line.split()[0] for line in kernels.splitlines()
+                        if line.strip().startswith(f"attend_{a.device}_") and line.split()[1] == "backward,"]
+    for s in [s for s in shapes(a.quick) if s["n"] <= 4096] if "float32" in a.dtypes.split(",") else []:
+        name = f"backward float32 n=m={s['n']} d={s['d']}{' causal' if s['causal'] else ''}"
+        kernel = next((k for k in backward_kernels if k.endswith(f"_d{s['d']}")), None)
+        if out_of_time() or kernel is None:
+            not_run.append(f"{name}" + ("" if kernel else " (no backward kernel for this head dim)"))
+            continue
+        sdpa_ms = torch_sdpa(s, on_gpu, "float32", backward=True) if torch else None
+        backward_flops = 2.5 * flops(s)
+        sdpa = backward_flops / sdpa_ms / 1e9 if sdpa_ms else None
+        r = attend_bench(a.build, a.device, kernel, s, backward=True)
+        if "error" not in r:
+            r["tflops"] = backward_flops / r["median_ms"] / 1e9
+        entry = dict(shape=s, dtype="float32", operation="backward", gpu=gpu, peak_tflops=peak, sdpa_ms=sdpa_ms,
+                     sdpa_tflops=sdpa, attend={kernel: r})
+        print(report(f"{name:46s} {kernel:28s} ", r, sdpa, peak), flush=True)
         log.write(json.dumps(entry) + "\n")
         log.flush()
         rows.append(entry)
@@ -200,7 +241,8 @@ def main():
         best = max(((k, r["tflops"]) for k, r in e["attend"].items() if "tflops" in r), key=lambda x: x[1], default=None)
         if best:
             ratio = f"{best[1] / e['sdpa_tflops']:.2f}x SDPA" if e["sdpa_tflops"] else ""
-            print(f"  {e['dtype']:8s} n=m={s['n']:<6} d={s['d']:<4} {'causal' if s['causal'] else '      '} {best[0]:32s} "
+            print(f"  {e.get('operation', 'forward'):8s} {e['dtype']:8s} n=m={s['n']:<6} d={s['d']:<4} "
+                  f"{'causal' if s['causal'] else '      '} {best[0]:32s} "
                   f"{best[1]:7.2f} TFLOP/s {ratio}")
     if not_run:
         print(f"\nnot run: --time-limit {a.time_limit:g} s was reached after {time.monotonic() - start:.0f} s")

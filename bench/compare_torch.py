@@ -98,6 +98,7 @@ def attend_bench(build, s, repeats, threads):
     cmd += ["--causal"] if s["causal"] else []
     cmd += ["--mask"] if s["mask"] else []
     cmd += ["--kv-heads", "0"] if s["mq"] else []
+    cmd += ["--backward"] if s.get("backward") else []
     env = dict(os.environ, HL_NUM_THREADS=str(threads))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])

@@ -142,6 +142,7 @@ DLTensor dense_dl(void *data, std::vector<int64_t> &shape, DLDataType dtype) {
 
 struct RunArgs {
     std::string q, k, v, out, lse, mask, device = "cpu", kernel, isa = "auto", causal_align = "top-left", dtype;
+    std::string dout, dq, dk, dv;  // the backward: all four, or none
     bool causal = false;
     std::optional<float> scale, dropout;
     uint64_t seed = 0;
@@ -156,6 +157,24 @@ Device parse_device(const std::string &name) {
 
 int run_command(const RunArgs &a) {
     const Device device = parse_device(a.device);
+    const int backward_files = !a.dout.empty() + !a.dq.empty() + !a.dk.empty() + !a.dv.empty();
+    if (backward_files != 0 && backward_files != 4) {
+        throw BadInput("--dout, --dq, --dk, --dv: the backward needs all four, got " + std::to_string(backward_files));
+    }
+    const bool with_backward = backward_files == 4;
+    {
+        std::vector<std::pair<const char *, std::string>> written{{"--out", a.out}, {"--lse", a.lse}, {"--dq", a.dq},
+                                                                  {"--dk", a.dk}, {"--dv", a.dv}};
+        for (size_t x = 0; x < written.size(); x++) {
+            for (size_t y = x + 1; y < written.size(); y++) {
+                if (!written[x].second.empty() && !written[y].second.empty() &&
+                    std::filesystem::absolute(written[x].second) == std::filesystem::absolute(written[y].second)) {
+                    throw BadInput(std::string(written[y].first) + ": names the same file as " + written[x].first +
+                                   " (" + written[x].second + ")");
+                }
+            }
+        }
+    }
     auto q = npy::read(a.q), k = npy::read(a.k), v = npy::read(a.v);
     std::optional<npy::Array> mask;
     if (!a.mask.empty()) mask = npy::read(a.mask);
@@ -166,13 +185,17 @@ int run_command(const RunArgs &a) {
     // must be q's; with it, each input is converted (rounded) to it.
     auto file_dtype = [](const npy::Array &a) { return a.dtype == npy::DType::Float16 ? DType::Float16 : DType::Float32; };
     const DType dtype = a.dtype.empty() ? file_dtype(q) : parse_dtype("--dtype", a.dtype);
-    for (auto [option, array] : {std::pair{"--k", &k}, {"--v", &v}}) {
+    npy::Array dout;
+    if (with_backward) dout = npy::read(a.dout);
+    std::vector<std::pair<const char *, npy::Array *>> inputs{{"--k", &k}, {"--v", &v}};
+    if (with_backward) inputs.push_back({"--dout", &dout});
+    for (auto [option, array] : inputs) {
         if (a.dtype.empty() && array->dtype != q.dtype && array->dtype != npy::DType::Bool) {
             throw BadInput(std::string(option) + ": is " + to_string(file_dtype(*array)) + " but --q is " +
                            to_string(dtype) + "; pass --dtype to convert them to one dtype");
         }
     }
-    for (npy::Array *array : {&q, &k, &v}) {
+    for (npy::Array *array : {&q, &k, &v, &dout}) {
         if (array->dtype == npy::DType::Bool) continue;  // rejected by forward with the tensor's name
         const DType from = file_dtype(*array);
         if (from != dtype) array->data = elements_of(floats_of(array->data, from), dtype);
@@ -180,16 +203,23 @@ int run_command(const RunArgs &a) {
 
     // out in the computation's dtype; numpy has no bfloat16, so a bfloat16 out is
     // written as float32 (exactly).
-    npy::Array out;
-    out.dtype = dtype == DType::Float16 ? npy::DType::Float16 : npy::DType::Float32;
-    out.shape = {q.shape[0], q.shape[1], q.shape[2], v.shape.back()};
-    out.data.assign(size_t(std::max<int64_t>(out.numel(), 0)) * (dtype == DType::Float32 ? 4 : 2), 0);
+    auto result = [&](std::vector<int64_t> shape) {
+        npy::Array r;
+        r.dtype = dtype == DType::Float16 ? npy::DType::Float16 : npy::DType::Float32;
+        r.shape = std::move(shape);
+        r.data.assign(size_t(std::max<int64_t>(r.numel(), 0)) * (dtype == DType::Float32 ? 4 : 2), 0);
+        return r;
+    };
+    npy::Array out = result({q.shape[0], q.shape[1], q.shape[2], v.shape.back()});
     npy::Array lse;
     lse.dtype = npy::DType::Float32;
     lse.shape = {q.shape[0], q.shape[1], q.shape[2]};
     lse.data.assign(size_t(std::max<int64_t>(lse.numel(), 0)) * sizeof(float), 0);
-    if (!a.lse.empty() && std::filesystem::absolute(a.lse) == std::filesystem::absolute(a.out)) {
-        throw BadInput("--lse: names the same file as --out (" + a.out + ")");
+    npy::Array dq, dk, dv;  // the gradients: q's, k's and v's shapes
+    if (with_backward) {
+        dq = result(q.shape);
+        dk = result(k.shape);
+        dv = result(v.shape);
     }
 
     Options options;
@@ -207,16 +237,28 @@ int run_command(const RunArgs &a) {
         options.dropout = *a.dropout;
         options.seed = a.seed;
     }
-    DLTensor dq = as_dl(q), dk = as_dl(k), dv = as_dl(v), dout = as_dl(out), dlse = as_dl(lse);
-    for (DLTensor *t : {&dq, &dk, &dv, &dout}) {
-        if (t->dtype.code == kDLFloat) t->dtype = dlpack::type_of(dtype);
+    auto tensor = [&](npy::Array &array) {
+        DLTensor t = as_dl(array);
+        if (t.dtype.code == kDLFloat) t.dtype = dlpack::type_of(dtype);
+        return t;
+    };
+    DLTensor tq = tensor(q), tk = tensor(k), tv = tensor(v), tout = tensor(out), tlse = as_dl(lse);
+    DLTensor tmask = mask ? as_dl(*mask) : DLTensor{};
+    const bool want_lse = !a.lse.empty() || with_backward;
+    forward(tq, tk, tv, mask ? &tmask : nullptr, tout, want_lse ? &tlse : nullptr, options);
+    if (with_backward) {
+        DLTensor tdout = tensor(dout), tdq = tensor(dq), tdk = tensor(dk), tdv = tensor(dv);
+        backward(tq, tk, tv, mask ? &tmask : nullptr, tout, tlse, tdout, tdq, tdk, tdv, options);
     }
-    DLTensor dmask = mask ? as_dl(*mask) : DLTensor{};
-    forward(dq, dk, dv, mask ? &dmask : nullptr, dout, a.lse.empty() ? nullptr : &dlse, options);
-    if (dtype == DType::BFloat16) out.data = elements_of(floats_of(out.data, dtype), DType::Float32);
-    // Each file is a temporary renamed into place: whole or untouched.
-    npy::write(a.out, out);
-    if (!a.lse.empty()) npy::write(a.lse, lse);
+    // Everything is computed before anything is written; each file is a
+    // temporary renamed into place: whole or untouched.
+    std::vector<std::pair<std::string, npy::Array *>> files{{a.out, &out}};
+    if (!a.lse.empty()) files.push_back({a.lse, &lse});
+    if (with_backward) files.insert(files.end(), {{a.dq, &dq}, {a.dk, &dk}, {a.dv, &dv}});
+    for (auto &[path, array] : files) {
+        if (dtype == DType::BFloat16 && array != &lse) array->data = elements_of(floats_of(array->data, dtype), DType::Float32);
+        npy::write(path, *array);
+    }
     return 0;
 }
 
@@ -224,7 +266,7 @@ int run_command(const RunArgs &a) {
 
 struct BenchArgs {
     int64_t b = 2, h = 8, n = 1024, m = 1024, d = 64, dv = -1, kv_heads = -1;
-    bool causal = false, mask = false, json = false;
+    bool causal = false, mask = false, json = false, backward = false;
     int repeats = 10, key_splits = 0;
     std::string device = "cpu", kernel, isa = "auto", dtype = "float32";
 };
@@ -279,6 +321,8 @@ int bench_command(const BenchArgs &a) {
     options.cpu_isa = parse_isa(a.isa);
     options.device = device;
     options.key_splits = a.key_splits;
+    Options forward_options = options;  // --backward's one forward: the kernel that select_kernel picks
+    forward_options.kernel.clear();
     std::vector<double> ms;
     double extra_mib = -1;     // host memory the calls add (CPU)
     int calls_per_sample = 1;  // a GPU's samples are batches of calls
@@ -287,9 +331,52 @@ int bench_command(const BenchArgs &a) {
         DLTensor dq = dense_dl(q.data(), q_shape, type), dk = dense_dl(k.data(), k_shape, type),
                  dv_ = dense_dl(v.data(), v_shape, type), dout = dense_dl(out.data(), out_shape, type),
                  dmask = dense_dl(mask.data(), mask_shape, dlpack::kBool);
-        PeakMemoryGrowth growth;
-        ms = timing::time_calls([&] { forward(dq, dk, dv_, a.mask ? &dmask : nullptr, dout, options); }, a.repeats);
-        extra_mib = growth.mib();
+        if (a.backward) {
+            // The forward once (out and lse), then the backward timed alone.
+            std::vector<float> lse(count(out_shape) / size_t(dv));
+            std::vector<int64_t> lse_shape{a.b, a.h, a.n};
+            auto gradient_out = elements_of(random_floats(count(out_shape), 4), dtype);
+            auto grad_q = q, grad_k = k, grad_v = v;
+            DLTensor dlse = dense_dl(lse.data(), lse_shape, DLDataType{kDLFloat, 32, 1}),
+                     ddout = dense_dl(gradient_out.data(), out_shape, type),
+                     ddq = dense_dl(grad_q.data(), q_shape, type), ddk = dense_dl(grad_k.data(), k_shape, type),
+                     ddv = dense_dl(grad_v.data(), v_shape, type);
+            forward(dq, dk, dv_, a.mask ? &dmask : nullptr, dout, &dlse, forward_options);
+            PeakMemoryGrowth growth;
+            ms = timing::time_calls(
+                [&] { backward(dq, dk, dv_, a.mask ? &dmask : nullptr, dout, dlse, ddout, ddq, ddk, ddv, options); },
+                a.repeats);
+            extra_mib = growth.mib();
+        } else {
+            PeakMemoryGrowth growth;
+            ms = timing::time_calls([&] { forward(dq, dk, dv_, a.mask ? &dmask : nullptr, dout, options); }, a.repeats);
+            extra_mib = growth.mib();
+        }
+    } else if (a.backward) {
+        // The forward once (out and lse on the device), then the backward timed alone.
+        auto gq = on_device(q, dtype, q_shape, device), gk = on_device(k, dtype, k_shape, device),
+             gv = on_device(v, dtype, v_shape, device), gdout = on_device(elements_of(random_floats(count(out_shape), 4), dtype), dtype, out_shape, device);
+        Halide::Runtime::Buffer<void> gout = on_device(out, dtype, out_shape, device),
+                                      gdq = on_device(q, dtype, q_shape, device), gdk = on_device(k, dtype, k_shape, device),
+                                      gdv = on_device(v, dtype, v_shape, device);
+        Halide::Runtime::Buffer<float> glse(int(a.n), int(a.h), int(a.b));  // written on the device by the forward
+        if (int status = glse.device_malloc(device_interface(device))) {
+            throw Error("attend bench: allocating lse on the device failed (Halide error " + std::to_string(status) + ")");
+        }
+        Halide::Runtime::Buffer<uint8_t> gmask(int(a.m), int(a.b));
+        std::copy(mask.begin(), mask.end(), gmask.data());
+        gmask.set_host_dirty();
+        const Halide::Runtime::Buffer<const void> use_mask =
+            a.mask ? Halide::Runtime::Buffer<const void>(gmask) : Halide::Runtime::Buffer<const void>();
+        forward(gq, gk, gv, use_mask, gout, glse, forward_options);
+        ms = timing::time_gpu_calls([&] { backward(gq, gk, gv, use_mask, gout, glse, gdout, gdq, gdk, gdv, options); },
+                                    [&] {
+                                        if (int status = gdq.device_sync()) {
+                                            throw Error("attend bench: waiting for the kernel failed (Halide error " +
+                                                        std::to_string(status) + ")");
+                                        }
+                                    },
+                                    a.repeats, calls_per_sample);
     } else {
         // Inputs and output stay on the device; each sample waits once, after its batch.
         auto gq = on_device(q, dtype, q_shape, device), gk = on_device(k, dtype, k_shape, device),
@@ -309,8 +396,10 @@ int bench_command(const BenchArgs &a) {
             a.repeats, calls_per_sample);
     }
     double best = *std::min_element(ms.begin(), ms.end()), med = timing::median(ms);
-    double flops = flop_count(a.b, a.h, a.n, a.m, a.d, dv, a.causal);
+    double flops = a.backward ? backward_flop_count(a.b, a.h, a.n, a.m, a.d, dv, a.causal)
+                              : flop_count(a.b, a.h, a.n, a.m, a.d, dv, a.causal);
     KernelRequest request;
+    request.operation = a.backward ? Operation::Backward : Operation::Forward;
     request.device = device;
     request.dtype = dtype;
     request.head_dim = a.d;
@@ -331,7 +420,7 @@ int bench_command(const BenchArgs &a) {
     if (a.json) {
         nlohmann::json j{{"kernel", kernel}, {"device", a.device}, {"dtype", a.dtype}, {"isa", a.isa}, {"b", a.b}, {"h", a.h},
                          {"n", a.n}, {"m", a.m}, {"d", a.d}, {"dv", dv}, {"kv_heads", kv_heads},
-                         {"causal", a.causal}, {"mask", a.mask}, {"ms", best}, {"median_ms", med},
+                         {"causal", a.causal}, {"mask", a.mask}, {"backward", a.backward}, {"ms", best}, {"median_ms", med},
                          {"gflops", flops / best / 1e6}, {"median_gflops", flops / med / 1e6},
                          {"repeats", a.repeats}};
         if (extra_mib >= 0) j["extra_memory_mib"] = extra_mib;
@@ -475,25 +564,35 @@ int demo_command() {
     return all_ok ? 0 : 1;
 }
 
-// `attend kernels --device cuda`: runs each CUDA kernel of the build once on a
-// small problem, without and with dropout (its two specialisations), so the
-// driver compiles it, then prints what it compiled each function into.
+// `attend kernels --device cuda`: runs each CUDA kernel of the build (forward
+// and backward) on a small problem, without and with dropout, so the driver
+// compiles it, then prints what it compiled each function into.
 int cuda_functions_command() {
     std::string first_error;
     for (const auto &k : available_kernels()) {
-        if (k.device != Device::CUDA || k.operation != Operation::Forward) continue;
-        std::vector<int64_t> shape{1, 1, 64, k.head_dim};
+        if (k.device != Device::CUDA) continue;
+        std::vector<int64_t> shape{1, 1, 64, k.head_dim}, lse_shape{1, 1, 64};
         const DLDataType type = dlpack::type_of(k.dtype);
-        std::vector<unsigned char> zeros(size_t(64 * k.head_dim) * 4), out(zeros.size());
-        DLTensor q = dense_dl(zeros.data(), shape, type), o = dense_dl(out.data(), shape, type);
+        std::vector<unsigned char> zeros(size_t(64 * k.head_dim) * 4), out(zeros.size()), dq(zeros.size()),
+            dk(zeros.size()), dv(zeros.size());
+        std::vector<float> lse(64);
+        DLTensor q = dense_dl(zeros.data(), shape, type), o = dense_dl(out.data(), shape, type),
+                 l = dense_dl(lse.data(), lse_shape, DLDataType{kDLFloat, 32, 1}), tdq = dense_dl(dq.data(), shape, type),
+                 tdk = dense_dl(dk.data(), shape, type), tdv = dense_dl(dv.data(), shape, type);
         for (bool dropout : {false, true}) {
             Options options;
             options.device = Device::CUDA;
-            options.kernel = k.name;
             options.training = dropout;
             options.dropout = 0.25f;
             try {
-                forward(q, q, q, nullptr, o, options);
+                if (k.operation == Operation::Forward) {
+                    options.kernel = k.name;
+                    forward(q, q, q, nullptr, o, options);
+                } else {  // the backward of the forward select_kernel picks
+                    forward(q, q, q, nullptr, o, &l, options);
+                    options.kernel = k.name;
+                    backward(q, q, q, nullptr, o, l, o, tdq, tdk, tdv, options);
+                }
             } catch (const std::exception &e) {  // a module that loaded is still reported
                 if (first_error.empty()) first_error = std::string(k.name) + ": " + e.what();
             }
@@ -527,7 +626,7 @@ int kernels_command(const std::string &device) {
     }
     std::printf("kernels of this build:\n");
     for (const auto &k : available_kernels()) {
-        // What a call that names the kernel runs here: the selection forward() makes.
+        // What a call that names the kernel runs here: the selection forward() and backward() make.
         KernelRequest request;
         request.operation = k.operation;
         request.device = k.device;
@@ -542,7 +641,8 @@ int kernels_command(const std::string &device) {
         }
         std::string targets;
         for (CpuIsa isa : k.cpu_isas) targets += std::string(targets.empty() ? "" : "+") + to_string(isa);
-        std::printf("  %-32s %s, %s, %s%s%s%s\n", k.name.c_str(), to_string(k.device), to_string(k.dtype),
+        std::printf("  %-32s %s, %s, %s, %s%s%s%s\n", k.name.c_str(), to_string(k.operation), to_string(k.device),
+                    to_string(k.dtype),
                     k.head_dim ? ("d = dv = " + std::to_string(k.head_dim)).c_str() : "any d and dv",
                     targets.empty() ? "" : (", targets " + targets).c_str(), runs.empty() ? "" : ", ", runs.c_str());
     }
@@ -568,6 +668,10 @@ int main(int argc, char **argv) {
     run_cmd->add_option("--lse", run.lse,
                         "also write each row's log-sum-exp, float32 [b, h, n] (-inf where every key is masked)");
     run_cmd->add_option("--mask", run.mask, "key padding mask, bool [b, m], true = attend");
+    run_cmd->add_option("--dout", run.dout, "the backward: the gradient of the loss by out, [b, h, n, dv]");
+    run_cmd->add_option("--dq", run.dq, "the backward: dq is written here (q's shape); needs --dout, --dk, --dv");
+    run_cmd->add_option("--dk", run.dk, "the backward: dk (k's shape)");
+    run_cmd->add_option("--dv", run.dv, "the backward: dv (v's shape)");
     run_cmd->add_option("--dtype", run.dtype,
                         "float32, float16 or bfloat16: convert q, k, v to it (default: q's dtype); out is written "
                         "in it (bfloat16: as float32, which numpy can read)");
@@ -601,6 +705,8 @@ int main(int argc, char **argv) {
     bench_cmd->add_option("--dtype", bench.dtype, "float32, float16 or bfloat16");
     bench_cmd->add_option("--key-splits", bench.key_splits, "chunks of keys run in parallel (GPU); 0: automatic");
     bench_cmd->add_flag("--json", bench.json, "print a JSON object as the last line");
+    bench_cmd->add_flag("--backward", bench.backward,
+                        "time the backward (dq, dk, dv) after one forward; GFLOP/s count 2·b·h·n·m·(3d + 2dv)");
 
     auto *demo_cmd = app.add_subcommand("demo", "every kernel of this build on a naturalspeech2-like batch");
     auto *kernels_cmd = app.add_subcommand("kernels", "list the kernels of this build and this CPU's instruction sets");

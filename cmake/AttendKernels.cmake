@@ -1,4 +1,4 @@
-# attend_add_kernel(<name> GENERATOR <registered generator name> OPERATION <forward>
+# attend_add_kernel(<name> GENERATOR <registered generator name> OPERATION <forward|backward>
 #                   DEVICE <cpu|cuda|opencl> HEAD_DIM <n|0> [DTYPE <float32|float16|bfloat16>]
 #                   TARGETS <halide targets...> [PARAMS <k=v>...])
 #
@@ -63,7 +63,7 @@ function(attend_add_kernel NAME)
     endif ()
     # The operation as attend::Operation spells it (forward -> Forward); each has
     # its signature in include/attend/kernel_abi.hpp.
-    set(operations forward)
+    set(operations forward backward)
     if (NOT ARG_OPERATION IN_LIST operations)
         message(FATAL_ERROR "attend_add_kernel(${NAME}): OPERATION must be one of ${operations} "
                             "(attend::Operation), got '${ARG_OPERATION}'")
@@ -119,7 +119,10 @@ function(attend_add_kernel NAME)
                 message(FATAL_ERROR "attend_add_kernel(${NAME}): two targets of the ${isa} level in '${ARG_TARGETS}'")
             endif ()
             string(APPEND by_isa " ATTEND_ISA(${isa}, ${library})")
-            attend_tuned_params("${target}" ${ARG_HEAD_DIM} tuned)
+            set(tuned "")
+            if (ARG_OPERATION STREQUAL "forward")  # the tuning file holds the forward's knobs only
+                attend_tuned_params("${target}" ${ARG_HEAD_DIM} tuned)
+            endif ()
             foreach (param IN LISTS ARG_PARAMS)  # explicit PARAMS win over tuned ones
                 string(REGEX REPLACE "=.*" "" knob "${param}")
                 list(FILTER tuned EXCLUDE REGEX "^${knob}=")

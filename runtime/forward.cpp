@@ -23,27 +23,6 @@ int32_t key_splits_for(const Problem &p, const Options &options) {
     return int32_t(std::clamp<int64_t>(std::min(wanted, p.m / kMinChunk), 1, 64));
 }
 
-// Causal: rows whose keys up to the diagonal are all masked (i + offset below a
-// batch's first unmasked key, or below 0) get uniform weights over every key, so
-// their tiles visit every key block; the others skip blocks above the diagonal.
-// A mask only on the device is not scanned: every tile visits every block.
-int64_t all_keys_rows_of(const Problem &p) {
-    int64_t first_unmasked = 0;
-    if (p.features.causal && p.features.mask) {
-        if (host_readable(p.mask)) {
-            const auto *bytes = static_cast<const uint8_t *>(p.mask.data);
-            for (int64_t b = 0; b < p.b; b++) {
-                int64_t first = 0;
-                while (first < p.m && bytes[b * p.mask.strides[0] + first * p.mask.strides[1]] == 0) first++;
-                first_unmasked = std::max(first_unmasked, first);
-            }
-        } else {
-            first_unmasked = p.m + p.n;
-        }
-    }
-    return std::clamp(first_unmasked - p.causal_offset, int64_t(0), p.n);
-}
-
 // The kernels write lse as the second value of out (c, i, h, b): they get lse
 // [b, h, n] seen as [b, h, n, width] with stride 0 in the last dim. Without a
 // caller's lse, or when its result is staged, lse is dense: on the CPU or
@@ -73,6 +52,37 @@ TensorView lse_for_kernel(const Problem &p, int64_t width, bool staged, std::vec
     return t;
 }
 
+// The kernel ABI's scalar arguments from the problem (run_forward adds the buffers).
+ForwardKernelArgs forward_args(const Problem &p, const Options &options) {
+    ForwardKernelArgs a;
+    set_shared_scalars(a, p);
+    a.key_splits = key_splits_for(p, options);
+    return a;
+}
+
+}  // namespace
+
+// Causal: rows whose keys up to the diagonal are all masked (i + offset below a
+// batch's first unmasked key, or below 0) get uniform weights over every key, so
+// their tiles visit every key block; the others skip blocks above the diagonal.
+// A mask only on the device is not scanned: every tile visits every block.
+int64_t all_keys_rows_of(const Problem &p) {
+    int64_t first_unmasked = 0;
+    if (p.features.causal && p.features.mask) {
+        if (host_readable(p.mask)) {
+            const auto *bytes = static_cast<const uint8_t *>(p.mask.data);
+            for (int64_t b = 0; b < p.b; b++) {
+                int64_t first = 0;
+                while (first < p.m && bytes[b * p.mask.strides[0] + first * p.mask.strides[1]] == 0) first++;
+                first_unmasked = std::max(first_unmasked, first);
+            }
+        } else {
+            first_unmasked = p.m + p.n;
+        }
+    }
+    return std::clamp(first_unmasked - p.causal_offset, int64_t(0), p.n);
+}
+
 // Without a mask the kernels still take one, never read: a single byte seen as
 // [b, m] by strides 0; on a GPU one uninitialised byte of device memory (Halide
 // would copy a host one element by element, and its contents do not matter).
@@ -86,26 +96,6 @@ TensorView mask_for_kernel(const Problem &p, uint8_t *host_byte) {
     t.shape[1] = p.m;
     return t;
 }
-
-// The kernel ABI's scalar arguments from the problem (run_forward adds the buffers).
-ForwardKernelArgs forward_args(const Problem &p, const Options &options) {
-    ForwardKernelArgs a;
-    a.scale = p.scale;
-    a.causal = p.features.causal;
-    a.has_mask = p.features.mask;
-    a.drop_threshold = p.drop_threshold;
-    a.keep_scale = p.keep_scale;
-    a.seed_lo = uint32_t(p.seed);
-    a.seed_hi = uint32_t(p.seed >> 32);
-    a.causal_offset = int32_t(p.causal_offset);
-    a.query_offset = int32_t(p.query_offset);
-    a.key_offset = int32_t(p.key_offset);
-    a.all_keys_rows = int32_t(all_keys_rows_of(p));
-    a.key_splits = key_splits_for(p, options);
-    return a;
-}
-
-}  // namespace
 
 void run_forward(const Problem &p, const Options &options) {
     if (p.empty()) return;

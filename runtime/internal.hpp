@@ -44,6 +44,7 @@ bool result_to_host(const TensorView &t);
 struct Problem {
     int64_t b = 0, h = 0, kv_heads = 0, n = 0, m = 0, d = 0, dv = 0;
     TensorView q, k, v, mask, out, lse;  // k, v always 4-D here ([b, 1, m, d] for multi-query); lse optional
+    TensorView dout, grad_q, grad_k, grad_v;  // the backward's dout, dq, dk, dv (dk, dv 4-D as k, v)
     DType dtype = DType::Float32;  // of q, k, v and out
     Device device = Device::CPU;  // where the kernel runs
     int device_id = 0;            // CUDA: the GPU of the tensors (0 for host tensors)
@@ -62,6 +63,12 @@ struct Problem {
 Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, const TensorView &mask,
                  const TensorView &out, const TensorView &lse, const Options &options);
 
+// The same for a backward call: also dout (out's shape) and the gradients dq,
+// dk, dv (q's, k's and v's shapes), all of q's dtype; lse is required.
+Problem validate_backward(const TensorView &q, const TensorView &k, const TensorView &v, const TensorView &mask,
+                          const TensorView &out, const TensorView &lse, const TensorView &dout, const TensorView &dq,
+                          const TensorView &dk, const TensorView &dv, const Options &options);
+
 // An absent optional tensor (mask, lse).
 TensorView absent(const char *name);
 
@@ -73,6 +80,33 @@ void merge(const TensorView &out_a, const TensorView &lse_a, int64_t keys_a, con
 
 // Runs the forward kernel validation selected; throws attend::Error when it fails.
 void run_forward(const Problem &problem, const Options &options);
+// The same for the backward.
+void run_backward(const Problem &problem, const Options &options);
+
+// Causal: rows below this may have every key masked (computed from the mask), so
+// the kernels do not skip keys above the diagonal for them.
+int64_t all_keys_rows_of(const Problem &p);
+
+// The scalar arguments every operation's kernels share (the kernel ABI's
+// structs name them alike), from the validated problem.
+template <class KernelArgs>
+void set_shared_scalars(KernelArgs &a, const Problem &p) {
+    a.scale = p.scale;
+    a.causal = p.features.causal;
+    a.has_mask = p.features.mask;
+    a.drop_threshold = p.drop_threshold;
+    a.keep_scale = p.keep_scale;
+    a.seed_lo = uint32_t(p.seed);
+    a.seed_hi = uint32_t(p.seed >> 32);
+    a.causal_offset = int32_t(p.causal_offset);
+    a.query_offset = int32_t(p.query_offset);
+    a.key_offset = int32_t(p.key_offset);
+    a.all_keys_rows = int32_t(all_keys_rows_of(p));
+}
+
+// The mask the kernels take: the caller's, or without one a single byte seen as
+// [b, m] by strides 0 (never read; on a GPU uninitialised device memory).
+TensorView mask_for_kernel(const Problem &p, uint8_t *host_byte);
 
 // CUDA: loads the driver (libcuda.so.1) once per process, and checks that `device`
 // exists and that its context was not broken by a kernel fault; throws

@@ -32,6 +32,10 @@ template <>
 const char *first_argument<Operation::Forward>() {
     return kForwardKernelArgNames[0];
 }
+template <>
+const char *first_argument<Operation::Backward>() {
+    return kBackwardKernelArgNames[0];
+}
 
 // ATTEND_KERNEL(name, operation, device, head dim, dtype, single function, metadata,
 // ATTEND_ISA(isa, function)...) from the table. Each CPU target is its own
@@ -102,20 +106,28 @@ bool fits_padded(const KernelEntry &e, int64_t head_dim, int64_t value_dim) {
 // else the generic one, else the smallest GPU kernel it fits padded.
 const KernelEntry *choose(const KernelRequest &r, Device device, std::string &why_not) {
     const KernelEntry *generic = nullptr, *padded = nullptr;
-    bool any_of_device = false;
+    bool any_of_device = false, any_of_operation = false;
     for (const KernelEntry &e : kBuilt) {
         if (e.device != device) continue;
         any_of_device = true;
-        if (e.operation != r.operation || e.dtype != r.dtype) continue;
+        if (e.operation != r.operation) continue;
+        any_of_operation = true;
+        if (e.dtype != r.dtype) continue;
         if (e.head_dim != 0 && fits(e, r.head_dim, r.value_dim)) return &e;
         if (e.head_dim == 0 && !generic) generic = &e;
         if (fits_padded(e, r.head_dim, r.value_dim) && (!padded || e.head_dim < padded->head_dim)) padded = &e;
     }
     if (generic) return generic;
     if (padded) return padded;
-    const std::string what = std::string(to_string(r.dtype)) + " " + to_string(device);
+    // (The forward is the default operation: only the others are named.)
+    const std::string operation = r.operation == Operation::Forward ? "" : std::string(to_string(r.operation)) + " ";
+    const std::string what = operation + to_string(r.dtype) + " " + to_string(device);
     if (!any_of_device) {
         why_not = std::string("no ") + to_string(device) + " kernels in this build";
+        return nullptr;
+    }
+    if (!any_of_operation) {
+        why_not = "no " + operation + to_string(device) + " kernels in this build";
         return nullptr;
     }
     std::string dims;

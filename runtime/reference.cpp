@@ -100,8 +100,11 @@ Gradients backward(const Shape &s, const float *q, const float *k, const float *
     g.dq.assign(size_t(s.b * s.h * s.n * s.d), 0.0);
     g.dk.assign(size_t(s.b * r.kv_heads * s.m * s.d), 0.0);
     g.dv.assign(size_t(s.b * r.kv_heads * s.m * s.dv), 0.0);
+    g.dq_terms = g.dq;
+    g.dk_terms = g.dk;
+    g.dv_terms = g.dv;
     Row row;
-    std::vector<double> dp(size_t(s.m));
+    std::vector<double> dp(size_t(s.m)), dp_terms(size_t(s.m));
     for (int64_t b = 0; b < s.b; b++) {
         for (int64_t h = 0; h < s.h; h++) {
             const int64_t kvh = h / r.group;
@@ -109,30 +112,39 @@ Gradients backward(const Shape &s, const float *q, const float *k, const float *
             const float *vb = v + (b * r.kv_heads + kvh) * s.m * s.dv;
             double *dkb = &g.dk[size_t((b * r.kv_heads + kvh) * s.m * s.d)];
             double *dvb = &g.dv[size_t((b * r.kv_heads + kvh) * s.m * s.dv)];
+            double *dk_terms = &g.dk_terms[size_t((b * r.kv_heads + kvh) * s.m * s.d)];
+            double *dv_terms = &g.dv_terms[size_t((b * r.kv_heads + kvh) * s.m * s.dv)];
             for (int64_t i = 0; i < s.n; i++) {
                 const int64_t at = (b * s.h + h) * s.n + i;
                 const float *qi = q + at * s.d, *doi = dout + at * s.dv;
-                double *dqi = &g.dq[size_t(at * s.d)];
+                double *dqi = &g.dq[size_t(at * s.d)], *dq_terms = &g.dq_terms[size_t(at * s.d)];
                 row.compute(s, options, r, qi, kb, mask, b, h, i);
                 // With P~ = P Z/(1 - p): dv_j += P~_j dout_i; dP_j = Z_j/(1 - p) dout_i . v_j.
-                double row_dot = 0.0;  // sum_j P_j dP_j
+                double row_dot = 0.0, row_dot_terms = 0.0;  // sum_j P_j dP_j
                 for (int64_t j = 0; j < s.m; j++) {
                     const double kept = row.w[size_t(j)] * row.factor[size_t(j)];
-                    double do_v = 0.0;
+                    double do_v = 0.0, do_v_terms = 0.0;
                     for (int64_t c = 0; c < s.dv; c++) {
                         dvb[j * s.dv + c] += kept * double(doi[c]);
+                        dv_terms[j * s.dv + c] += std::fabs(kept * double(doi[c]));
                         do_v += double(doi[c]) * double(vb[j * s.dv + c]);
+                        do_v_terms += std::fabs(double(doi[c]) * double(vb[j * s.dv + c]));
                     }
                     dp[size_t(j)] = row.factor[size_t(j)] * do_v;
+                    dp_terms[size_t(j)] = row.factor[size_t(j)] * do_v_terms;
                     row_dot += row.w[size_t(j)] * dp[size_t(j)];
+                    row_dot_terms += row.w[size_t(j)] * dp_terms[size_t(j)];
                 }
                 // dS_j = P_j (dP_j - sum_l P_l dP_l) where the score is live; 0 where masked.
                 for (int64_t j = 0; j < s.m; j++) {
                     if (row.masked[size_t(j)]) continue;
                     const double ds = row.w[size_t(j)] * (dp[size_t(j)] - row_dot) * r.scale;
+                    const double ds_terms = row.w[size_t(j)] * (dp_terms[size_t(j)] + row_dot_terms) * std::fabs(r.scale);
                     for (int64_t c = 0; c < s.d; c++) {
                         dqi[c] += ds * double(kb[j * s.d + c]);
                         dkb[j * s.d + c] += ds * double(qi[c]);
+                        dq_terms[c] += ds_terms * std::fabs(double(kb[j * s.d + c]));
+                        dk_terms[j * s.d + c] += ds_terms * std::fabs(double(qi[c]));
                     }
                 }
             }

@@ -281,8 +281,15 @@ TensorView absent(const char *name) {
     return t;
 }
 
-Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, const TensorView &mask,
-                 const TensorView &out, const TensorView &lse, const Options &options) {
+namespace {
+
+// The checks the forward and the backward share: options, q, k, v, mask, out
+// and lse (their ranks, dtypes, shapes), and the device of all of them and of
+// `more` (the backward's tensors). What the call writes, and the kernel, are
+// checked by each operation.
+Problem check_call(const TensorView &q, const TensorView &k, const TensorView &v, const TensorView &mask,
+                   const TensorView &out, const TensorView &lse, const std::vector<const TensorView *> &more,
+                   const Options &options) {
     check_options(options);
     check_basic(q, {4}, "4 dims [b, h, n, d]");
     check_basic(k, {3, 4}, "3 dims [b, m, d] or 4 dims [b, hk, m, d]");
@@ -301,7 +308,9 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
     if (mask.present && !is_mask_type(mask.dtype)) {
         fail(std::string("mask: expected dtype bool (or uint8), got ") + dlpack::name_of(mask.dtype));
     }
-    const Device run_on = check_device({&q, &k, &v, &out, &mask, &lse}, options);
+    std::vector<const TensorView *> all{&q, &k, &v, &out, &mask, &lse};
+    all.insert(all.end(), more.begin(), more.end());
+    const Device run_on = check_device(all, options);
     if (k.ndim != v.ndim) {
         fail("v: has " + std::to_string(v.ndim) + " dims but k has " + std::to_string(k.ndim) +
              "; k and v must both be 3-D (multi-query) or both 4-D");
@@ -347,21 +356,6 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
           << shape_string(lse);
         fail(s.str());
     }
-    check_no_self_overlap(out);
-    for (const TensorView *t : {&q, &k, &v, &mask}) {
-        if (overlaps(out, *t)) {
-            fail(std::string("out: overlaps the memory of ") + t->name + "; out must not alias an input");
-        }
-    }
-    if (lse.present) {
-        check_no_self_overlap(lse);
-        for (const TensorView *t : {&q, &k, &v, &mask, &out}) {
-            if (overlaps(lse, *t)) {
-                fail(std::string("lse: overlaps the memory of ") + t->name + "; lse must have memory of its own");
-            }
-        }
-    }
-
     p.q = q;
     p.mask = mask;
     p.out = out;
@@ -398,9 +392,13 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
                                      p.query_offset - p.key_offset,
                                  -p.n, p.m);
 
-    // The kernel, checked against everything above.
+    return p;
+}
+
+// The kernel of operation `op` for the checked call p.
+void select_kernel_for(Problem &p, Operation op, const Options &options) {
     KernelRequest request;
-    request.operation = Operation::Forward;
+    request.operation = op;
     request.device = p.device;
     request.dtype = p.dtype;
     request.head_dim = p.d;
@@ -415,14 +413,83 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
     p.selection = *selection;
     const KernelEntry &kernel = *p.selection.kernel;
     if (p.selection.padded && !p.empty()) {
-        for (const TensorView *t : {&p.q, &p.k, &p.v, &p.out}) {
-            if (!host_readable(*t)) {
+        for (const TensorView *t : {&p.q, &p.k, &p.v, &p.out, &p.dout, &p.grad_q, &p.grad_k, &p.grad_v}) {
+            if (t->present && !host_readable(*t)) {
                 fail(std::string(t->name) + ": " + kernel.name + " runs d = dv = " + std::to_string(kernel.head_dim) +
                      "; other head dims (d=" + std::to_string(p.d) + ", dv=" + std::to_string(p.dv) +
                      ") are padded on the host, so they need host tensors");
             }
         }
     }
+}
+
+// A tensor the call writes: distinct memory for each of its elements, none
+// shared with `others`.
+void check_written(const TensorView &t, const std::vector<const TensorView *> &others, const char *rule) {
+    check_no_self_overlap(t);
+    for (const TensorView *other : others) {
+        if (overlaps(t, *other)) fail(std::string(t.name) + ": overlaps the memory of " + other->name + "; " + rule);
+    }
+}
+
+}  // namespace
+
+Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, const TensorView &mask,
+                 const TensorView &out, const TensorView &lse, const Options &options) {
+    Problem p = check_call(q, k, v, mask, out, lse, {}, options);
+    check_written(out, {&q, &k, &v, &mask}, "out must not alias an input");
+    if (lse.present) check_written(lse, {&q, &k, &v, &mask, &out}, "lse must have memory of its own");
+    select_kernel_for(p, Operation::Forward, options);
+    return p;
+}
+
+Problem validate_backward(const TensorView &q, const TensorView &k, const TensorView &v, const TensorView &mask,
+                          const TensorView &out, const TensorView &lse, const TensorView &dout, const TensorView &dq,
+                          const TensorView &dk, const TensorView &dv, const Options &options) {
+    check_basic(dout, {4}, "4 dims [b, h, n, dv], like out");
+    check_basic(dq, {4}, "4 dims [b, h, n, d], like q");
+    check_basic(dk, {3, 4}, "k's dims ([b, m, d] or [b, hk, m, d])");
+    check_basic(dv, {3, 4}, "v's dims ([b, m, dv] or [b, hk, m, dv])");
+    if (!lse.present) fail("lse: required: the backward recomputes the weights from the forward's lse");
+    Problem p = check_call(q, k, v, mask, out, lse, {&dout, &dq, &dk, &dv}, options);
+    for (const TensorView *t : {&dout, &dq, &dk, &dv}) {
+        if (t->dtype.code != q.dtype.code || t->dtype.bits != q.dtype.bits || t->dtype.lanes != q.dtype.lanes) {
+            fail(std::string(t->name) + ": dtype " + dlpack::name_of(t->dtype) + " differs from q's " +
+                 dlpack::name_of(q.dtype) + "; the gradients and dout have q's dtype");
+        }
+    }
+    // Each gradient has its tensor's shape; dout has out's.
+    auto check_like = [](const TensorView &t, const TensorView &like) {
+        bool same = t.ndim == like.ndim;
+        for (int i = 0; same && i < t.ndim; i++) same = t.shape[i] == like.shape[i];
+        if (!same) {
+            fail(std::string(t.name) + ": expected " + like.name + "'s shape " + shape_string(like) + ", got " +
+                 shape_string(t));
+        }
+    };
+    check_like(dout, out);
+    check_like(dq, q);
+    check_like(dk, k);
+    check_like(dv, v);
+    const std::vector<const TensorView *> inputs{&q, &k, &v, &mask, &out, &lse, &dout};
+    check_written(dq, inputs, "the gradients must not alias an input");
+    check_written(dk, inputs, "the gradients must not alias an input");
+    check_written(dv, inputs, "the gradients must not alias an input");
+    if (overlaps(dq, dk) || overlaps(dq, dv)) fail("dq: overlaps the memory of dk or dv; each gradient needs its own");
+    if (overlaps(dk, dv)) fail("dk: overlaps the memory of dv; each gradient needs its own");
+    p.dout = dout;
+    p.grad_q = dq;
+    p.grad_k = as_4d(dk);
+    p.grad_v = as_4d(dv);
+    if (p.empty()) {
+        for (const TensorView *t : {&p.grad_q, &p.grad_k, &p.grad_v}) {
+            if (element_count(*t) > 0 && !host_readable(*t)) {
+                fail(std::string(t->name) + ": with no queries (or no columns of v) every gradient is 0, which is "
+                                            "written on the host only: pass host tensors for such a call");
+            }
+        }
+    }
+    select_kernel_for(p, Operation::Backward, options);
     return p;
 }
 

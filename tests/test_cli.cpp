@@ -177,6 +177,53 @@ TEST_CASE("attend run: dropout with a seed equals the library call") {
     CHECK(std::vector<float>(out.f32(), out.f32() + out.numel()) == c.p.out.dense());
 }
 
+TEST_CASE("attend run --dout --dq --dk --dv: the backward after the forward, as the library gives it") {
+    CliProblem c;
+    c.ws.save("dout.npy", random_tensor({2, 4, 30, 64}, 9));
+    const std::string gradients = " --dout " + c.ws.path("dout.npy") + " --dq " + c.ws.path("dq.npy") + " --dk " +
+                                  c.ws.path("dk.npy") + " --dv " + c.ws.path("dv.npy");
+    auto r = c.ws.attend("run " + c.files + " --causal --dropout 0.2 --seed 5" + gradients);
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+    // The library: forward (with lse), then backward, with the same options.
+    c.p.options.causal = true;
+    c.p.options.training = true;
+    c.p.options.dropout = 0.2f;
+    c.p.options.seed = 5;
+    c.p.lse = nan_tensor({2, 4, 30});
+    c.p.run();
+    auto dout = random_tensor({2, 4, 30, 64}, 9);
+    auto dq = nan_tensor({2, 4, 30, 64}), dk = nan_tensor({2, 40, 64}), dv = nan_tensor({2, 40, 64});
+    DLTensor q = c.p.q.dl(), k = c.p.k.dl(), v = c.p.v.dl(), mask = c.p.mask->dl(), out = c.p.out.dl(),
+             lse = c.p.lse->dl(), t_dout = dout.dl(), t_dq = dq.dl(), t_dk = dk.dl(), t_dv = dv.dl();
+    backward(q, k, v, &mask, out, lse, t_dout, t_dq, t_dk, t_dv, c.p.options);
+    for (const auto &gradient : {std::pair{"dq.npy", &dq}, {"dk.npy", &dk}, {"dv.npy", &dv}}) {
+        INFO(std::string(gradient.first));
+        auto got = npy::read(c.ws.path(gradient.first));
+        CHECK(got.shape == gradient.second->shape);
+        CHECK(std::vector<float>(got.f32(), got.f32() + got.numel()) == gradient.second->dense());
+    }
+    // Three of the four: exit 2, nothing written.
+    fs::remove(c.ws.path("dq.npy"));
+    std::ofstream(c.ws.path("out.npy")) << "sentinel";
+    r = c.ws.attend("run " + c.files + " --dout " + c.ws.path("dout.npy") + " --dq " + c.ws.path("dq.npy") + " --dk " +
+                    c.ws.path("dk.npy"));
+    CHECK(r.status == 2);
+    CHECK(r.err.find("the backward needs all four, got 3") != std::string::npos);
+    CHECK(c.out_untouched());
+    CHECK_FALSE(fs::exists(c.ws.path("dq.npy")));
+    // dout of the wrong shape: the backward's message, nothing written (out neither).
+    c.ws.save("dout_short.npy", random_tensor({2, 4, 29, 64}, 9));
+    r = c.ws.attend("run " + c.files + " --dout " + c.ws.path("dout_short.npy") + " --dq " + c.ws.path("dq.npy") +
+                    " --dk " + c.ws.path("dk.npy") + " --dv " + c.ws.path("dv.npy"));
+    CHECK(r.status == 2);
+    CHECK(r.err.find("dout: expected out's shape") != std::string::npos);
+    CHECK(c.out_untouched());
+    CHECK_FALSE(fs::exists(c.ws.path("dq.npy")));
+    CHECK(c.ws.attend("run " + c.files + gradients.substr(0, gradients.find(" --dk")) + " --dk " + c.ws.path("dq.npy") +
+                      " --dv " + c.ws.path("dv.npy")).status == 2);  // --dk names --dq's file
+}
+
 TEST_CASE("attend run: bad input exits 2 with a message, OUT.npy untouched") {
     CliProblem c;
     struct Bad {
@@ -294,6 +341,14 @@ TEST_CASE("attend bench --json: the last line is a JSON object with ms and gflop
     CHECK(j["extra_memory_mib"].get<double>() >= 0);
     CHECK(j["extra_memory_mib"].get<double>() < 64);
     CHECK(ws.attend("bench --n 0").status == 2);
+    // --backward: the backward kernel, its flop count.
+    r = ws.attend("bench --b 1 --h 2 --n 64 --m 80 --d " + d + " --causal --repeats 3 --backward --json");
+    REQUIRE(r.status == 0);
+    j = nlohmann::json::parse(r.out.substr(r.out.rfind('\n', r.out.size() - 2) + 1));
+    CHECK(j["kernel"] == "attend_cpu_backward_d" + d);
+    CHECK(j["backward"] == true);
+    CHECK(j["gflops"].get<double>() ==
+          doctest::Approx(backward_flop_count(1, 2, 64, 80, std::stoi(d), std::stoi(d), true) / j["ms"].get<double>() / 1e6));
 }
 
 TEST_CASE("attend bench --device opencl --json: samples are batches of calls, said in the JSON") {

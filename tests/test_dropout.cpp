@@ -44,7 +44,10 @@ TEST_CASE("dropout matches the oracle, which draws the same mask, on every kerne
             auto reference_problem = make_problem(spec, options);
             auto expected = reference_problem.expected();
             for (const auto &k : available_kernels()) {
-                if (k.device != Device::CPU || k.dtype != DType::Float32 || (k.head_dim != 0 && k.head_dim != d)) continue;
+                if (k.operation != Operation::Forward || k.device != Device::CPU || k.dtype != DType::Float32 ||
+                    (k.head_dim != 0 && k.head_dim != d)) {
+                    continue;
+                }
                 for (CpuIsa isa : supported_cpu_isas()) {
                     INFO(k.name << "/" << std::string(to_string(isa)) << " d=" << d << " causal=" << causal);
                     auto p = make_problem(spec, options);

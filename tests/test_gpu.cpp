@@ -11,6 +11,7 @@
 
 #include <HalideRuntime.h>
 
+#include "backward_support.hpp"
 #include "low_precision.hpp"
 
 using namespace attend;
@@ -25,7 +26,9 @@ Device g_device = Device::OpenCL;
 std::vector<std::string> kernels_for(int64_t d, int64_t dv) {
     std::vector<std::string> names;
     for (const auto &k : available_kernels()) {
-        if (k.device == g_device && k.dtype == DType::Float32 && k.head_dim == d && d == dv) names.push_back(k.name);
+        if (k.operation == Operation::Forward && k.device == g_device && k.dtype == DType::Float32 && k.head_dim == d && d == dv) {
+            names.push_back(k.name);
+        }
     }
     if (names.empty()) {
         auto chosen = select_kernel(g_device, DType::Float32, d, dv, {});
@@ -234,6 +237,44 @@ TEST_CASE("float16 and bfloat16: against the reference and the float32 kernel") 
             run.run();
             check_low_precision(p, run, expected, p.out.dense());
         }
+    }
+}
+
+TEST_CASE("backward: every float32 backward kernel of the device against the oracle's gradients (the CPU's cases)") {
+    bool any = false;
+    for (const KernelInfo &kernel : available_kernels()) {
+        if (kernel.operation != Operation::Backward || kernel.device != g_device || kernel.dtype != DType::Float32) continue;
+        any = true;
+        for (const BackwardCase &c : backward_cases(kernel.head_dim)) {
+            INFO(kernel.name << ": " << c.name);
+            Options options = c.options;
+            options.device = g_device;
+            options.kernel = kernel.name;
+            Backward b(c.spec, options);
+            b.run(options);
+            check_float32(b);
+        }
+    }
+    CHECK(any);
+    // d != dv, padded into the smallest kernel that holds both.
+    ProblemSpec s = spec_of(1, 2, 40, 50, 24);
+    s.dv = 20;
+    Options options;
+    options.device = g_device;
+    options.causal = true;
+    Backward b(s, options);
+    b.run(options);
+    check_float32(b);
+}
+
+TEST_CASE("backward: float16 and bfloat16 on the device against the oracle") {
+    for (DType dtype : built_16bit_dtypes()) {
+        const BackwardCase c = backward_cases(built_head_dims().at(0)).at(4);  // bottom-right causal, dropout
+        INFO(std::string(to_string(dtype)) << ": " << c.name);
+        Options options = c.options;
+        options.device = g_device;
+        Backward b(c.spec, options, {}, dtype);
+        check_16bit(b, dtype, options);
     }
 }
 

@@ -18,7 +18,7 @@ struct Variant {
 std::vector<Variant> variants_for(int64_t d, int64_t dv) {
     std::vector<Variant> out;
     for (const auto &k : available_kernels()) {
-        if (k.device != Device::CPU || k.dtype != DType::Float32) continue;  // float16/bfloat16: test_low_precision
+        if (k.operation != Operation::Forward || k.device != Device::CPU || k.dtype != DType::Float32) continue;  // float16/bfloat16: test_low_precision
         if (k.head_dim != 0 && !(k.head_dim == d && k.head_dim == dv)) continue;
         for (CpuIsa isa : supported_cpu_isas()) out.push_back({k.name, isa});
     }
@@ -48,21 +48,24 @@ const int64_t kSizes[] = {1, 2, 7, 63, 65, 257, 1000};
 
 }  // namespace
 
-TEST_CASE("the build has a CPU kernel for each configured head dim and dtype, and a generic one") {
-    std::map<std::pair<int, DType>, int> count;
-    size_t cpu_kernels = 0;
-    for (const auto &k : available_kernels()) {
-        if (k.device != Device::CPU) continue;
-        count[{k.head_dim, k.dtype}]++;
-        cpu_kernels++;
+TEST_CASE("the build has a CPU forward and backward kernel for each configured head dim and dtype, and generic ones") {
+    for (Operation operation : {Operation::Forward, Operation::Backward}) {
+        INFO(std::string(to_string(operation)));
+        std::map<std::pair<int, DType>, int> count;
+        size_t cpu_kernels = 0;
+        for (const auto &k : available_kernels()) {
+            if (k.device != Device::CPU || k.operation != operation) continue;
+            count[{k.head_dim, k.dtype}]++;
+            cpu_kernels++;
+        }
+        REQUIRE(!built_head_dims().empty());
+        REQUIRE(!built_dtypes().empty());
+        for (DType dtype : built_dtypes()) {
+            for (int64_t d : built_head_dims()) CHECK(count[{int(d), dtype}] == 1);
+            CHECK(count[{0, dtype}] == 1);
+        }
+        CHECK(cpu_kernels == (built_head_dims().size() + 1) * built_dtypes().size());
     }
-    REQUIRE(!built_head_dims().empty());
-    REQUIRE(!built_dtypes().empty());
-    for (DType dtype : built_dtypes()) {
-        for (int64_t d : built_head_dims()) CHECK(count[{int(d), dtype}] == 1);
-        CHECK(count[{0, dtype}] == 1);
-    }
-    CHECK(cpu_kernels == (built_head_dims().size() + 1) * built_dtypes().size());
 }
 
 TEST_CASE("select_kernel prefers the specialised kernel and falls back to the generic one") {

@@ -17,7 +17,7 @@ void check_cpu_kernels(DType dtype, const ProblemSpec &spec, Options options = {
     const auto fp32_out = p.out.dense();
     int checked = 0;
     for (const auto &kernel : available_kernels()) {
-        if (kernel.device != Device::CPU || kernel.dtype != dtype) continue;
+        if (kernel.operation != Operation::Forward || kernel.device != Device::CPU || kernel.dtype != dtype) continue;
         if (kernel.head_dim != 0 && !(kernel.head_dim == spec.d && kernel.head_dim == spec.dv)) continue;
         for (CpuIsa isa : supported_cpu_isas()) {
             INFO(kernel.name << "/" << std::string(to_string(isa)) << " n=" << spec.n << " m=" << spec.m << " d=" << spec.d

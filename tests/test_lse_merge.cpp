@@ -170,7 +170,9 @@ void check_shards(const KernelInfo &kernel, CpuIsa isa, const Options &whole_opt
 TEST_CASE("shards of the keys at their global positions (key_offset), merged, equal the whole call: every "
           "float32 CPU kernel, with a mask, causal and dropout") {
     for (const auto &kernel : available_kernels()) {
-        if (kernel.device != Device::CPU || kernel.dtype != DType::Float32) continue;
+        if (kernel.operation != Operation::Forward || kernel.device != Device::CPU || kernel.dtype != DType::Float32) {
+            continue;
+        }
         for (CpuIsa isa : supported_cpu_isas()) {
             Options dropout;  // top-left causal and dropout, the whole call itself a shard of the queries
             dropout.causal = true;
@@ -224,7 +226,9 @@ TEST_CASE("query_offset and key_offset: the dropout mask is a function of the gl
 TEST_CASE("offsets at the 32-bit limit: a shard at query_offset 2^31 - 1 - n and key_offset 2^31 - 1 - m matches "
           "the oracle, causal, both alignments, with dropout") {
     for (const auto &kernel : available_kernels()) {
-        if (kernel.device != Device::CPU || kernel.dtype != DType::Float32) continue;
+        if (kernel.operation != Operation::Forward || kernel.device != Device::CPU || kernel.dtype != DType::Float32) {
+            continue;
+        }
         for (CausalAlign align : {CausalAlign::TopLeft, CausalAlign::BottomRight}) {
             const int64_t d = kernel.head_dim ? kernel.head_dim : 48;
             Options options;

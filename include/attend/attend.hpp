@@ -161,6 +161,7 @@ ATTEND_API std::vector<CpuIsa> supported_cpu_isas();
 ATTEND_API const char *to_string(CpuIsa isa);
 ATTEND_API const char *to_string(Device device);
 ATTEND_API const char *to_string(DType dtype);
+ATTEND_API const char *to_string(Operation operation);
 
 // Halide's device interface for CUDA or OpenCL, to give Halide buffers a device
 // allocation (buffer.device_malloc(attend::device_interface(Device::CUDA)));
@@ -200,6 +201,28 @@ ATTEND_API void forward(const Halide::Runtime::Buffer<const void> &q, const Hali
                         const Halide::Runtime::Buffer<void> &out, const Halide::Runtime::Buffer<void> &lse,
                         const Options &options = {});
 
+// The backward of forward() (the gradients of a loss L through it): from the
+// forward's inputs, its out and lse, and dout = dL/dout, writes dq, dk and dv
+// (dL/dq, dL/dk, dL/dv) with the options of the forward call (the same seed
+// gives the same dropout mask). Shapes: dout as out, dq as q, dk as k and dv as
+// v (3-D for multi-query: the sums over the heads that share them); all of q's
+// dtype, accumulated in float32 and rounded once. lse is required. A row whose
+// keys are all masked had uniform weights over every key: its dq is 0, it adds
+// nothing to dk, and it adds dout / m (times its dropout factors) to dv of every
+// key, as the seed's autograd gives. Strides, devices and errors as forward();
+// dq, dk and dv must not overlap each other or any input, and on any error none
+// of them is written.
+ATTEND_API void backward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const DLTensor *mask,
+                         const DLTensor &out, const DLTensor &lse, const DLTensor &dout, const DLTensor &dq,
+                         const DLTensor &dk, const DLTensor &dv, const Options &options = {});
+// The same on Halide buffers (Halide's dim order; mask: undefined for none).
+ATTEND_API void backward(const Halide::Runtime::Buffer<const void> &q, const Halide::Runtime::Buffer<const void> &k,
+                         const Halide::Runtime::Buffer<const void> &v, const Halide::Runtime::Buffer<const void> &mask,
+                         const Halide::Runtime::Buffer<const void> &out, const Halide::Runtime::Buffer<const void> &lse,
+                         const Halide::Runtime::Buffer<const void> &dout, const Halide::Runtime::Buffer<void> &dq,
+                         const Halide::Runtime::Buffer<void> &dk, const Halide::Runtime::Buffer<void> &dv,
+                         const Options &options = {});
+
 // The exact merge of two attentions of the same queries over disjoint key sets A
 // and B (split-KV, ring attention): from (out_a, lse_a) over A's keys_a keys and
 // (out_b, lse_b) over B's keys_b keys, writes (out, lse) over A and B together,
@@ -236,5 +259,9 @@ ATTEND_API void add_kernel(const KernelInfo &info, ForwardKernel function);
 // Floating-point operations of one call, as benchmarks count them: 2·b·h·n·m·(d + dv)
 // for the two matrix products (4·b·h·n·m·d when dv = d), halved for causal.
 ATTEND_API double flop_count(int64_t b, int64_t h, int64_t n, int64_t m, int64_t d, int64_t dv, bool causal);
+// The same for backward(): five matrix products (the scores and dP recomputed,
+// dv, dk, dq), 2·b·h·n·m·(3d + 2dv) (10·b·h·n·m·d when dv = d, 2.5 times the
+// forward's), halved for causal.
+ATTEND_API double backward_flop_count(int64_t b, int64_t h, int64_t n, int64_t m, int64_t d, int64_t dv, bool causal);
 
 }  // namespace attend

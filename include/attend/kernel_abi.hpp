@@ -13,7 +13,7 @@ struct halide_buffer_t;
 
 namespace attend {
 
-enum class Operation { Forward };
+enum class Operation { Forward, Backward };
 
 // forward: out = softmax(masked scale q kᵀ, with dropout) v, and lse (see attend.hpp).
 // q, k, v, mask and out are Halide buffers in Halide's dim order; lse is out's
@@ -55,6 +55,43 @@ inline int call_kernel(ForwardKernel kernel, const void *user_context, const For
                   a.out, a.lse);
 }
 
+// backward: dq, dk, dv from the forward's inputs, its out and lse, and dout (see
+// attend.hpp). The scalars are the forward's, computed the same way.
+struct BackwardKernelArgs {
+    halide_buffer_t *q = nullptr, *k = nullptr, *v = nullptr;
+    halide_buffer_t *mask = nullptr;  // read only when has_mask
+    halide_buffer_t *out = nullptr, *lse = nullptr, *dout = nullptr;
+    float scale = 1.0f;
+    bool causal = false;
+    bool has_mask = false;
+    uint32_t drop_threshold = 0;
+    float keep_scale = 1.0f;
+    uint32_t seed_lo = 0, seed_hi = 0;
+    int32_t causal_offset = 0;
+    int32_t query_offset = 0;
+    int32_t key_offset = 0;
+    int32_t all_keys_rows = 0;  // causal: rows below it may have every key masked (they weigh every key for dv)
+    halide_buffer_t *dq = nullptr, *dk = nullptr, *dv = nullptr;
+};
+
+#define ATTEND_BACKWARD_KERNEL_PARAMS                                                                            \
+    (const void *user_context, halide_buffer_t *q, halide_buffer_t *k, halide_buffer_t *v, halide_buffer_t *mask, \
+     halide_buffer_t *out, halide_buffer_t *lse, halide_buffer_t *dout, float scale, bool causal, bool has_mask,  \
+     uint32_t drop_threshold, float keep_scale, uint32_t seed_lo, uint32_t seed_hi, int32_t causal_offset,       \
+     int32_t query_offset, int32_t key_offset, int32_t all_keys_rows, halide_buffer_t *dq, halide_buffer_t *dk,  \
+     halide_buffer_t *dv)
+using BackwardKernel = int(*) ATTEND_BACKWARD_KERNEL_PARAMS;
+
+inline constexpr const char *kBackwardKernelArgNames[] = {
+    "q", "k", "v", "mask", "out", "lse", "dout", "scale", "causal", "has_mask", "drop_threshold", "keep_scale",
+    "seed_lo", "seed_hi", "causal_offset", "query_offset", "key_offset", "all_keys_rows", "dq", "dk", "dv"};
+
+inline int call_kernel(BackwardKernel kernel, const void *user_context, const BackwardKernelArgs &a) {
+    return kernel(user_context, a.q, a.k, a.v, a.mask, a.out, a.lse, a.dout, a.scale, a.causal, a.has_mask,
+                  a.drop_threshold, a.keep_scale, a.seed_lo, a.seed_hi, a.causal_offset, a.query_offset, a.key_offset,
+                  a.all_keys_rows, a.dq, a.dk, a.dv);
+}
+
 // The function type of each operation's kernels (the table checks the generated
 // functions against it).
 template <Operation>
@@ -62,6 +99,10 @@ struct KernelSignature;
 template <>
 struct KernelSignature<Operation::Forward> {
     using type = ForwardKernel;
+};
+template <>
+struct KernelSignature<Operation::Backward> {
+    using type = BackwardKernel;
 };
 
 }  // namespace attend

@@ -31,8 +31,13 @@ ATTEND_API std::vector<double> forward(const Shape &shape, const float *q, const
 // key masked gives dq = 0 and nothing to dk, and its uniform weights 1/m over
 // all keys (times the dropout factor Z/(1 - p)) send dv_j += Z_ij/(1 - p) dout_i / m
 // to every key j.
+// The *_terms arrays hold, per element, the sum of the absolute values of the
+// terms it sums, every inner product (dP = dout·v, D = Σ_l P_l dP_l) taken
+// with absolute values too: the scale that rounding errors of a float
+// computation of that element are relative to (tests derive tolerances from it).
 struct Gradients {
     std::vector<double> dq, dk, dv;
+    std::vector<double> dq_terms, dk_terms, dv_terms;
 };
 ATTEND_API Gradients backward(const Shape &shape, const float *q, const float *k, const float *v,
                               const uint8_t *mask, const float *dout, const Options &options);

@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Attend's backward next to PyTorch's, measured in one run.
+
+For each shape: the backward alone (dq, dk, dv from the forward's out and lse
+and dout) of Attend (`attend bench --backward --json`), of PyTorch's
+scaled_dot_product_attention through autograd, and of the seed module's math
+path through autograd (small shapes only: it keeps the n*m weights), fp32 on
+the CPU with the same thread count, plus this machine's FMA peak (fma_peak).
+
+    python3 -m venv .venv-bench && .venv-bench/bin/pip install -r bench/requirements.txt
+    export ATTEND_SEED_FILE=/path/to/000_edd5e010b2cbceaa.txt  # tools/seed_module.py says what it is
+    .venv-bench/bin/python bench/compare_backward.py [--repeats 5] [--quick]
+
+GFLOP/s count the backward's five matrix products, 10*b*h*n*m*d (2.5 times the
+forward's), halved for causal, for every implementation. Times are medians of
+--repeats calls per round, then over --rounds rounds in which the
+implementations alternate.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "bench"))
+from compare_torch import attend_bench, fma_peak, median_ms, torch_inputs  # noqa: E402
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", default=str(REPO / "build"), help="Attend build folder")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every implementation")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per implementation, shape and round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds in which the implementations alternate")
+    ap.add_argument("--quick", action="store_true", help="only n=m in {256, 1024}")
+    ap.add_argument("--seed-math-max-n", type=int, default=1024,
+                    help="largest n for the seed's math path (0: no seed math column, no seed file needed)")
+    ap.add_argument("--seed-file", help="the seed file with the original Attend module (default: $ATTEND_SEED_FILE)")
+    ap.add_argument("--json", default=str(REPO / "bench" / "results" / "compare_backward.json"))
+    return ap.parse_args()
+
+
+def shapes(quick):
+    """naturalspeech2-like, b*h = 16, fp32."""
+    out = []
+    for n in ([256, 1024] if quick else [256, 1024, 4096]):
+        for d in (64, 128):
+            for causal in (False, True):
+                out.append(dict(b=2, h=8, n=n, d=d, causal=causal, mask=False, mq=False, dtype="float32"))
+    out.append(dict(b=2, h=8, n=1024, d=64, causal=False, mask=True, mq=False, dtype="float32"))
+    out.append(dict(b=2, h=8, n=1024, d=64, causal=False, mask=False, mq=True, dtype="float32"))
+    return out
+
+
+def flops(s):
+    return 10.0 * s["b"] * s["h"] * s["n"] * s["n"] * s["d"] * (0.5 if s["causal"] else 1.0)
+
+
+def label(s):
+    extra = "".join([" causal" if s["causal"] else "", " mask" if s["mask"] else "", " mq" if s["mq"] else ""])
+    return f"n={s['n']} d={s['d']}{extra}"
+
+
+def autograd_backward_ms(torch, forward, s, repeats):
+    """The backward alone: the graph is built once, then backward(retain_graph) timed."""
+    q, k, v, mask = torch_inputs(torch, s)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out = forward(q, k, v, mask)
+    dout = torch.randn_like(out)
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        out.backward(dout, retain_graph=True)
+
+    return median_ms(step, repeats)
+
+
+def sdpa_forward(torch, s):
+    import torch.nn.functional as F
+
+    def forward(q, k, v, mask):
+        if s["mq"]:  # SDPA needs k/v per head: what a user would pass (a broadcast view)
+            k, v = k[:, None].expand(-1, s["h"], -1, -1), v[:, None].expand(-1, s["h"], -1, -1)
+        attn_mask = mask[:, None, None, :] if mask is not None else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=s["causal"])
+
+    return forward
+
+
+def main():
+    args = parse_args()
+    import torch
+    torch.set_num_threads(args.threads)
+    from seed_module import SeedFileError, load_attend
+    attend_class = None
+    if args.seed_math_max_n > 0:
+        try:
+            attend_class = load_attend(args.seed_file)
+        except SeedFileError as error:
+            sys.exit(f"compare_backward: {error} (--seed-math-max-n 0 runs without the seed's math path)")
+    peaks = [p for p in (fma_peak(args.build, args.threads) for _ in range(3)) if p]
+    print(f"threads {args.threads}; torch {torch.__version__} (cpu capability {torch.backends.cpu.get_cpu_capability()})")
+    header = f"{'backward, fp32':<28}{'Attend':>9}{'SDPA':>9}{'seed math':>11}{'Attend/SDPA':>13}{'of peak':>9}"
+    print(header + "\n" + "-" * len(header))
+    rows = []
+    for s in shapes(args.quick):
+        peaks += [p for p in [fma_peak(args.build, args.threads)] if p]
+        gf = flops(s) / 1e6
+        attend_times, sdpa_times = [], []
+        for _ in range(args.rounds):
+            attend_times.append(attend_bench(args.build, dict(s, backward=True), args.repeats, args.threads)["median_ms"])
+            sdpa_times.append(autograd_backward_ms(torch, sdpa_forward(torch, s), s, args.repeats))
+        seed = None
+        if attend_class is not None and s["n"] <= args.seed_math_max_n:
+            module = attend_class(dropout=0.0, causal=s["causal"], use_flash=False)
+            seed = gf / autograd_backward_ms(torch, lambda q, k, v, mask: module(q, k, v, mask=mask), s,
+                                             min(args.repeats, 3))
+        attend, sdpa = gf / statistics.median(attend_times), gf / statistics.median(sdpa_times)
+        rows.append(dict(s, attend_gflops=attend, sdpa_gflops=sdpa, seed_math_gflops=seed, ratio_to_sdpa=attend / sdpa))
+        peak = max(peaks) if peaks else None
+        print(f"{label(s):<28}{attend:>9.1f}{sdpa:>9.1f}{(f'{seed:.1f}' if seed else '-'):>11}{attend / sdpa:>12.2f}x"
+              f"{(f'{attend / peak:.0%}' if peak else '-'):>9}", flush=True)
+    peak = max(peaks) if peaks else None
+    for row in rows:
+        row["fraction_of_peak"] = row["attend_gflops"] / peak if peak else None
+    if peak:
+        print(f"\nFMA peak: {peak:.1f} GFLOP/s, the largest of {len(peaks)} measurements in this run "
+              f"(smallest {min(peaks):.1f})")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(dict(threads=args.threads, fma_peak_gflops=peak, fma_peak_measurements=peaks,
+                                               torch=torch.__version__, rounds=args.rounds, repeats=args.repeats,
+                                               rows=rows), indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
