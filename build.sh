@@ -50,15 +50,20 @@ install_debian_packages() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 }
 
-install_python_tools() {
-    [ -x "$VENV/bin/python" ] || { say "creating $VENV"; python3 -m venv "$VENV"; }
-    local stamp="$VENV/.attend-requirements"
-    if ! cmp -s "$ROOT/requirements.txt" "$stamp"; then
-        say "installing Halide 21, CMake and ninja into $VENV"
-        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements.txt"
-        cp "$ROOT/requirements.txt" "$stamp"
+# ensure_venv DIR REQUIREMENTS WHAT: DIR is a venv with REQUIREMENTS installed
+# (installed again only when that file changed).
+ensure_venv() {
+    local dir="$1" requirements="$2" what="$3"
+    [ -x "$dir/bin/python" ] || { say "creating $dir"; python3 -m venv "$dir"; }
+    local stamp="$dir/.attend-requirements"
+    if ! cmp -s "$requirements" "$stamp"; then
+        say "installing $what into $dir"
+        "$dir/bin/python" -m pip install -q --disable-pip-version-check -r "$requirements"
+        cp "$requirements" "$stamp"
     fi
 }
+
+install_python_tools() { ensure_venv "$VENV" "$ROOT/requirements.txt" "Halide 21, CMake, ninja and nanobind"; }
 
 # Every tree's kernels go through one kernel cache in the checkout (.cache/kernels,
 # tools/kernel_cache.py): a kernel generated once is copied, not generated, by
@@ -143,9 +148,21 @@ run_fuzz() {
     done
 }
 
+# The Python package's tests run in a venv of their own with numpy, torch and
+# pytest (tests/python/requirements.txt; torch's wheel is large, so only `test`
+# installs it), against the package the main tree built.
+PYTHON_TEST_VENV="$ROOT/.venv-python"
+run_python_tests() {
+    ensure_venv "$PYTHON_TEST_VENV" "$ROOT/tests/python/requirements.txt" \
+        "numpy, torch and pytest (torch's wheel is large: minutes)"
+    say "Python package tests (tests/python)"
+    PYTHONPATH="$BUILD/python" "$PYTHON_TEST_VENV/bin/python" -m pytest -q -p no:cacheprovider "$ROOT/tests/python"
+}
+
 run_tests() {
     say "test suite"
     "$VENV/bin/ctest" --test-dir "$BUILD" --output-on-failure -j "$(nproc)"
+    run_python_tests
     # The same suite with the project's own code under ASan + UBSan, with the main
     # tree's kernels (the kernels are not instrumented). The consumer example links
     # the installed library without sanitizers, so it runs above only.
@@ -178,6 +195,8 @@ install_python_tools
 # The sanitizer and fuzz trees run the main tree's generator (Halide's import of
 # a host-built generator), so their kernels are the main tree's, from the cache.
 USE_MAIN_GENERATOR=("-DAttend-halide_generators_DIR=$BUILD/cmake")
+# The main tree also builds the Python package (build/python/attend) for .venv's Python.
+PYTHON_OPTIONS=(-DATTEND_PYTHON=ON "-DPython_EXECUTABLE=$VENV/bin/python")
 MAIN="the kernels select_kernel can pick, the library, the CLI, tests and benchmarks"
 # What test adds to the main tree: every GPU schedule variant (bench/gpu_check.sh
 # compares them; tests/test_gpu_check.py runs its flow) and the CPU kernels
@@ -186,13 +205,14 @@ CHECK_OPTIONS=(-DATTEND_ALL_GPU_VARIANTS=ON -DATTEND_CROSS_TARGETS=arm-64-linux)
 
 case "${1:-build}" in
     build)
-        build "$BUILD" "$MAIN" 7
+        build "$BUILD" "$MAIN" 7 "${PYTHON_OPTIONS[@]}"
         say "built: $BUILD/bin/attend, $BUILD/runtime/libattend.so" ;;
     demo)
         build "$BUILD" "$MAIN" 6 --target attend_cli
         "$BUILD/bin/attend" demo ;;
     test)
-        build "$BUILD" "$MAIN, every GPU variant and the arm-64 cross-generated kernels" 10 "${CHECK_OPTIONS[@]}"
+        build "$BUILD" "$MAIN, every GPU variant and the arm-64 cross-generated kernels" 10 "${CHECK_OPTIONS[@]}" \
+            "${PYTHON_OPTIONS[@]}"
         run_tests ;;
     bench)
         shift

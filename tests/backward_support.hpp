@@ -26,15 +26,29 @@ struct Backward {
              std::optional<DType> rounded_to = std::nullopt) {
         forward = make_problem(spec, options);
         if (rounded_to) round_inputs(forward, *rounded_to);
-        const Expected e = forward.expected();
-        forward.out = dense_as(forward.out, e);
-        for (size_t at = 0; at < e.lse.size(); at++) {
-            forward.lse->storage[at] = float(e.lse[at]);
-            if (std::isfinite(e.lse[at])) largest_lse = std::max(largest_lse, std::fabs(e.lse[at]));
-        }
         dout = random_tensor(forward.out.shape, spec.seed + 10);
         if (rounded_to) {
             for (float &x : dout.storage) x = bits_to_float(float_to_bits(x, *rounded_to), *rounded_to);
+        }
+        complete(options, grad_order);
+    }
+
+    // Given inputs (q, k, v, mask in `given`, e.g. read from golden files) and dout.
+    Backward(test::Problem given, Tensor<float> given_dout, const Options &options)
+        : forward(std::move(given)), dout(std::move(given_dout)) {
+        forward.options = options;
+        forward.lse = nan_tensor({forward.shape.b, forward.shape.h, forward.shape.n});
+        complete(options, {});
+    }
+
+    // out and lse from the oracle, NaN gradients, the oracle's gradients.
+    void complete(const Options &options, const std::vector<int> &grad_order) {
+        const Expected e = forward.expected();
+        const auto &s = forward.shape;
+        forward.out = dense_as({s.b, s.h, s.n, s.dv}, e);
+        for (size_t at = 0; at < e.lse.size(); at++) {
+            forward.lse->storage[at] = float(e.lse[at]);
+            if (std::isfinite(e.lse[at])) largest_lse = std::max(largest_lse, std::fabs(e.lse[at]));
         }
         dq = nan_tensor(forward.q.shape, grad_order);
         dk = nan_tensor(forward.k.shape, forward.k.shape.size() == 4 ? grad_order : std::vector<int>{});
@@ -46,9 +60,10 @@ struct Backward {
                                        forward.mask ? mask.data() : nullptr, d.data(), options);
     }
 
-    // out in C order from the oracle (the problem's out may have any layout).
-    static Tensor<float> dense_as(Tensor<float> out, const std::vector<double> &values) {
-        Tensor<float> dense = make_tensor<float>(out.shape, float32_type());
+    // out [b, h, n, dv] in C order from the oracle's values.
+    static Tensor<float> dense_as(std::vector<int64_t> shape, const std::vector<double> &values) {
+        Tensor<float> dense = make_tensor<float>(shape, float32_type());
+        REQUIRE(dense.numel() == int64_t(values.size()));
         for (size_t at = 0; at < values.size(); at++) dense.storage[at] = float(values[at]);
         return dense;
     }
@@ -82,16 +97,18 @@ struct GradientCheck {
     int64_t outer;  // terms summed per element
 };
 
-// Each element within its bound; `rounding` (the 16-bit unit roundoff, 0 for
-// float32) adds the rounding of the result and of the 16-bit out that D reads,
+// Each element within `factor` times its bound (2 against another float32
+// computation: both are within the bound of the exact result); `rounding`
+// (the 16-bit unit roundoff, 0 for float32) adds the rounding of the result
+// and of the 16-bit out that D reads,
 // and `subnormal` the absolute rounding of a result below the dtype's smallest
 // normal (half its subnormal spacing: 2^-25 for float16, whose gradients of
 // tiny weights land there).
 inline void check_gradients(const Backward &b, const std::vector<GradientCheck> &checks, double rounding = 0,
-                     double subnormal = 0) {
+                            double subnormal = 0, double factor = 1) {
     for (const GradientCheck &c : checks) {
         REQUIRE(c.got.size() == c.expected.size());
-        const double relative = b.relative_bound(c.outer) + rounding;
+        const double relative = factor * b.relative_bound(c.outer) + rounding;
         double worst = 0, largest_error = 0;
         int64_t not_finite = 0;
         for (size_t e = 0; e < c.got.size(); e++) {

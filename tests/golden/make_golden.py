@@ -10,7 +10,8 @@ copied into this repository), builds Attend(dropout=0., causal=..,
 use_flash=False) in eval mode and runs its math path in float32 on CPU on a
 set of small, seeded cases.
 
-Output: tests/golden/data/<case>/{q,k,v[,mask],out}.npy and
+Output: tests/golden/data/<case>/{q,k,v[,mask],out,dout,dq,dk,dv}.npy (the
+gradients are the module's autograd for the upstream gradient dout) and
 tests/golden/data/cases.json. Re-running gives byte-identical files.
 
 Usage:
@@ -90,16 +91,20 @@ def run_case(Attend, c):
         assert n == m, "the seed's causal mask is an n x n triu(1): causal cases need n == m"
 
     attend = Attend(dropout=0., causal=c["causal"], use_flash=False).eval()
-    with torch.no_grad():
-        out = attend(q, k, v, mask=mask)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out = attend(q, k, v, mask=mask)
     assert out.dtype == torch.float32 and tuple(out.shape) == (b, h, n, dv)
     assert torch.isfinite(out).all()
+    # The module's gradients (its autograd) for an upstream gradient dout.
+    dout = torch.randn(b, h, n, dv, dtype=torch.float32)
+    out.backward(dout)
 
     arrays = {"q": q, "k": k, "v": v}
     if mask is not None:
         arrays["mask"] = mask
-    arrays["out"] = out
-    return {name: np.ascontiguousarray(t.numpy()) for name, t in arrays.items()}
+    arrays.update(out=out, dout=dout, dq=q.grad, dk=k.grad, dv=v.grad)
+    return {name: np.ascontiguousarray(t.detach().numpy()) for name, t in arrays.items()}
 
 
 def main():
