@@ -52,8 +52,7 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], 
 
 @attention_backward.register_fake
 def _(q, k, v, mask, out, lse, dout, causal, scale, dropout, seed):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), \
-        k.new_empty(k.shape), v.new_empty(v.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
