@@ -2,9 +2,9 @@
 # Attend's quick start. Installs what is missing (Debian packages; Halide 21,
 # CMake and ninja from PyPI into ./.venv), builds the kernels for this machine,
 # then:
-#   ./build.sh demo    build what `attend demo` needs and run it: every kernel against
-#                      the double-precision reference on a naturalspeech2-like batch,
-#                      with its speed
+#   ./build.sh demo    build what `attend demo` needs and run it: every kernel, forward
+#                      and backward, against the double-precision reference on a
+#                      naturalspeech2-like batch, with its speed
 #   ./build.sh test    build the rest (tests, benchmarks, every GPU variant, the arm-64
 #                      cross-generated kernels) and run the whole test suite (ctest), then
 #                      again with the runtime, CLI and tests built under AddressSanitizer
@@ -131,7 +131,7 @@ run_fuzz() {
     CC=clang CXX=clang++ build "$fuzz" "the libFuzzer harnesses (clang, ASan + UBSan), the main tree's kernels" 2 \
         "${USE_MAIN_GENERATOR[@]}" -DATTEND_FUZZ=ON -DATTEND_SANITIZE=address,undefined,fuzzer-no-link \
         -DATTEND_OPENCL=OFF -DATTEND_BUILD_TESTS=OFF -DATTEND_BUILD_BENCH=OFF
-    for harness in forward npy; do
+    for harness in attention npy; do
         local corpus="$ROOT/tests/fuzz/corpus/$harness" scratch="$fuzz/corpus/$harness"
         mkdir -p "$scratch"
         say "fuzz_$harness: replaying $(ls "$corpus" | wc -l) saved inputs, then fuzzing ${seconds} s"

@@ -11,6 +11,11 @@ the CPU with the same thread count, plus this machine's FMA peak (fma_peak).
     export ATTEND_SEED_FILE=/path/to/000_edd5e010b2cbceaa.txt  # tools/seed_module.py says what it is
     .venv-bench/bin/python bench/compare_backward.py [--repeats 5] [--quick]
 
+Then one training step (forward and backward, dropout 0.1 and a padding mask:
+the seed's training case) through Attend's Python package (attend.torch.Attend,
+from --build's python/ folder), through SDPA with dropout_p (on the CPU PyTorch
+runs it on its math path) and through the seed module itself.
+
 GFLOP/s count the backward's five matrix products, 10*b*h*n*m*d (2.5 times the
 forward's), halved for causal, for every implementation. Times are medians of
 --repeats calls per round, then over --rounds rounds in which the
@@ -39,6 +44,8 @@ def parse_args():
     ap.add_argument("--seed-math-max-n", type=int, default=1024,
                     help="largest n for the seed's math path (0: no seed math column, no seed file needed)")
     ap.add_argument("--seed-file", help="the seed file with the original Attend module (default: $ATTEND_SEED_FILE)")
+    ap.add_argument("--training-n", type=int, nargs="*", default=[1024],
+                    help="n = m of the training-step rows (none: no training step)")
     ap.add_argument("--json", default=str(REPO / "bench" / "results" / "compare_backward.json"))
     return ap.parse_args()
 
@@ -92,6 +99,63 @@ def sdpa_forward(torch, s):
     return forward
 
 
+def training_step_ms(torch, module, s, repeats):
+    """One training step: forward in training mode, then backward of out·dout."""
+    q, k, v, mask = torch_inputs(torch, s)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    dout = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=torch.Generator().manual_seed(1))
+    module.train()
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        module(q, k, v, mask).backward(dout)
+
+    return median_ms(step, repeats)
+
+
+class SdpaDropout:
+    """SDPA with the seed module's call signature: dropout_p in training mode."""
+
+    def __init__(self, torch, dropout, causal):
+        import torch.nn.functional as F
+        self.F, self.dropout, self.causal, self.training = F, dropout, causal, True
+
+    def train(self):
+        self.training = True
+
+    def __call__(self, q, k, v, mask):
+        attn_mask = mask[:, None, None, :] if mask is not None else None
+        return self.F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal,
+                                                   dropout_p=self.dropout if self.training else 0.0)
+
+
+def training_steps(args, torch, attend_class):
+    """The seed's training case: Attend's package against SDPA and the seed module."""
+    sys.path.insert(0, str(Path(args.build) / "python"))
+    import attend.torch as attend_torch
+    header = f"{'training step, dropout 0.1':<32}{'Attend ms':>11}{'SDPA ms':>10}{'seed ms':>10}{'SDPA/Attend':>13}"
+    print("\n" + header + "\n" + "-" * len(header))
+    rows = []
+    for n in args.training_n:
+        s = dict(b=2, h=8, n=n, d=64, causal=False, mask=True, mq=False, dtype="float32")
+        implementations = dict(attend=attend_torch.Attend(dropout=0.1), sdpa=SdpaDropout(torch, 0.1, False))
+        if attend_class is not None and n <= args.seed_math_max_n:
+            implementations["seed"] = attend_class(dropout=0.1, causal=False, use_flash=False)
+        times = {name: [] for name in implementations}
+        for _ in range(args.rounds):
+            for name, module in implementations.items():
+                times[name].append(training_step_ms(torch, module, s, args.repeats))
+        ms = {name: statistics.median(t) for name, t in times.items()}
+        rows.append(dict(s, dropout=0.1, attend_ms=ms["attend"], sdpa_ms=ms["sdpa"], seed_math_ms=ms.get("seed"),
+                         sdpa_over_attend=ms["sdpa"] / ms["attend"]))
+        seed = f"{ms['seed']:.1f}" if "seed" in ms else "-"
+        print(f"{'n=m=' + str(n) + ' d=64 mask':<32}{ms['attend']:>11.1f}{ms['sdpa']:>10.1f}{seed:>10}"
+              f"{ms['sdpa'] / ms['attend']:>12.2f}x", flush=True)
+    return rows
+
+
 def main():
     args = parse_args()
     import torch
@@ -125,6 +189,7 @@ def main():
         peak = max(peaks) if peaks else None
         print(f"{label(s):<28}{attend:>9.1f}{sdpa:>9.1f}{(f'{seed:.1f}' if seed else '-'):>11}{attend / sdpa:>12.2f}x"
               f"{(f'{attend / peak:.0%}' if peak else '-'):>9}", flush=True)
+    training = training_steps(args, torch, attend_class) if args.training_n else []
     peak = max(peaks) if peaks else None
     for row in rows:
         row["fraction_of_peak"] = row["attend_gflops"] / peak if peak else None
@@ -134,7 +199,7 @@ def main():
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(dict(threads=args.threads, fma_peak_gflops=peak, fma_peak_measurements=peaks,
                                                torch=torch.__version__, rounds=args.rounds, repeats=args.repeats,
-                                               rows=rows), indent=1))
+                                               rows=rows, training_steps=training), indent=1))
     print(f"wrote {args.json}")
 
 

@@ -6,6 +6,7 @@
 //   attend kernels  what this build and this CPU have
 // Exit status: 0 success, 2 bad arguments or input, 1 failure while running.
 #include <algorithm>
+#include <cfloat>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -456,112 +457,278 @@ private:
     bool shown_ = false;
 };
 
+// The demo's batch: naturalspeech2-like, a key padding mask and causal.
+struct DemoBatch {
+    static constexpr int64_t b = 2, h = 8, n = 1024, m = 1024, d = 64;
+    static constexpr int64_t lengths[2] = {1024, 700};  // batch 1 padded after 700 keys, as in a TTS batch
+    std::vector<int64_t> shape{b, h, n, d}, mask_shape{b, m}, lse_shape{b, h, n};
+    std::vector<float> q = random_floats(size_t(b * h * n * d), 11), k = random_floats(size_t(b * h * m * d), 12),
+                       v = random_floats(size_t(b * h * m * d), 13), dout = random_floats(size_t(b * h * n * d), 14);
+    std::vector<uint8_t> mask;
+    Options options;
+
+    DemoBatch() : mask(size_t(b * m)) {
+        for (int64_t i = 0; i < b; i++)
+            for (int64_t j = 0; j < m; j++) mask[size_t(i * m + j)] = j < lengths[i];
+        options.causal = true;
+    }
+};
+
 // The demo's inputs in one dtype: the values the kernels see (rounded to the
 // dtype), their elements, and the double reference computed from those values.
 struct DemoInputs {
+    std::vector<unsigned char> q_elements, k_elements, v_elements;  // before q, k, v: their initializers fill them
     std::vector<float> q, k, v;
-    std::vector<unsigned char> q_elements, k_elements, v_elements;
     std::vector<double> expected;
-};
 
-int demo_command() {
-    const int64_t b = 2, h = 8, n = 1024, m = 1024, d = 64;
-    const int64_t lengths[2] = {1024, 700};  // batch 1 padded after 700 keys, as in a TTS batch
-    std::printf("attend demo: naturalspeech2-like attention, b=%lld h=%lld n=m=%lld d=%lld,\n"
-                "key padding mask (lengths %lld and %lld) and causal, against a double-precision reference\n"
-                "computed from the same inputs (float16/bfloat16: the inputs rounded to that dtype)\n\n",
-                (long long)b, (long long)h, (long long)n, (long long)d, (long long)lengths[0], (long long)lengths[1]);
-    std::vector<int64_t> shape{b, h, n, d}, mask_shape{b, m};
-    const auto q = random_floats(size_t(b * h * n * d), 11), k = random_floats(size_t(b * h * m * d), 12),
-               v = random_floats(size_t(b * h * m * d), 13);
-    std::vector<uint8_t> mask(size_t(b * m));
-    for (int64_t i = 0; i < b; i++)
-        for (int64_t j = 0; j < m; j++) mask[size_t(i * m + j)] = j < lengths[i];
-    Options options;
-    options.causal = true;
-
-    std::map<DType, DemoInputs> inputs;  // made on first use
-    auto inputs_for = [&](DType dtype) -> DemoInputs & {
-        auto found = inputs.find(dtype);
-        if (found != inputs.end()) return found->second;
-        DemoInputs &in = inputs[dtype];
-        in.q_elements = elements_of(q, dtype);
-        in.k_elements = elements_of(k, dtype);
-        in.v_elements = elements_of(v, dtype);
-        in.q = floats_of(in.q_elements, dtype);
-        in.k = floats_of(in.k_elements, dtype);
-        in.v = floats_of(in.v_elements, dtype);
+    DemoInputs(const DemoBatch &batch, DType dtype)
+        : q(rounded(batch.q, dtype, q_elements)), k(rounded(batch.k, dtype, k_elements)),
+          v(rounded(batch.v, dtype, v_elements)) {
         // The reference, one (batch, head) at a time so progress can be shown.
+        const int64_t n = batch.n, m = batch.m, d = batch.d;
         Progress progress(std::string("double-precision reference (") + to_string(dtype) + " inputs)");
-        for (int64_t bh = 0; bh < b * h; bh++) {
+        for (int64_t bh = 0; bh < batch.b * batch.h; bh++) {
             reference::Shape one{1, 1, 1, n, m, d, d};
-            int64_t batch = bh / h;
-            auto part = reference::forward(one, in.q.data() + bh * n * d, in.k.data() + bh * m * d,
-                                           in.v.data() + bh * m * d, mask.data() + batch * m, options);
-            in.expected.insert(in.expected.end(), part.begin(), part.end());
-            progress.update(double(bh + 1) / double(b * h));
+            auto part = reference::forward(one, q.data() + bh * n * d, k.data() + bh * m * d, v.data() + bh * m * d,
+                                           batch.mask.data() + bh / batch.h * m, batch.options);
+            expected.insert(expected.end(), part.begin(), part.end());
+            progress.update(double(bh + 1) / double(batch.b * batch.h));
         }
         progress.done();
-        return in;
-    };
+    }
 
+    // values rounded to dtype; their elements in *elements.
+    static std::vector<float> rounded(const std::vector<float> &values, DType dtype,
+                                      std::vector<unsigned char> &elements) {
+        elements = elements_of(values, dtype);
+        return floats_of(elements, dtype);
+    }
+};
+
+double unit_roundoff(DType dtype) {
+    return dtype == DType::Float32 ? 0.0 : dtype == DType::Float16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
+}
+
+// Times calls of one kernel on every CPU target this machine runs (a GPU kernel:
+// once); `check` judges each result. A kernel whose device is missing is reported
+// and skipped. Returns false when a result failed its check.
+template <typename Call, typename Check>
+bool demo_rows(const KernelInfo &kernel, bool picked_kernel, double flops, Call &&call, Check &&check) {
+    std::vector<CpuIsa> isas{CpuIsa::Auto};
+    if (kernel.device == Device::CPU) isas = supported_cpu_isas();
+    bool all_ok = true;
+    for (CpuIsa isa : isas) {
+        Options o;
+        o.kernel = kernel.name;
+        o.cpu_isa = isa;
+        o.device = kernel.device;
+        const char *isa_name = kernel.device == Device::CPU ? to_string(isa) : to_string(kernel.device);
+        std::vector<double> ms;
+        try {
+            // The GPU runs copy the inputs in and the result out on every call.
+            ms = timing::time_calls([&] { call(o); }, kernel.device == Device::CPU ? 5 : 2);
+        } catch (const attend::Error &e) {  // no such device here: say so and go on
+            std::printf("%-32s %-9s %-9s not run: %s\n", kernel.name.c_str(), to_string(kernel.dtype), isa_name,
+                        e.what());
+            continue;
+        }
+        const auto [max_error, within] = check();
+        all_ok = all_ok && within;
+        std::printf("%-32s %-9s %-9s %12.2e %10.2f %12.1f%s%s\n", kernel.name.c_str(), to_string(kernel.dtype),
+                    isa_name, max_error, timing::median(ms), flops / timing::median(ms) / 1e6,
+                    within ? "" : "  ERROR ABOVE THE BOUND",
+                    picked_kernel && isa == CpuIsa::Auto ? "  <- what the call picks here" : "");
+    }
+    return all_ok;
+}
+
+// Every forward kernel of the build on the batch, against the double reference.
+bool demo_forward(const DemoBatch &batch, std::map<DType, DemoInputs> &inputs) {
     // fp32 parity with the reference at this size (tests/support.hpp derives the
     // bound); a 16-bit out adds its rounding, the unit roundoff times |out|.
     const double parity = 2e-5;
-    auto unit_roundoff = [](DType dtype) {
-        return dtype == DType::Float32 ? 0.0 : dtype == DType::Float16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
-    };
-    const double flops = flop_count(b, h, n, m, d, d, true);
-    for (const auto &kernel : available_kernels()) inputs_for(kernel.dtype);  // the references first
-    std::printf("%-32s %-9s %-9s %12s %10s %12s\n", "kernel", "dtype", "isa", "max |error|", "median ms", "GFLOP/s");
+    std::vector<int64_t> shape = batch.shape, mask_shape = batch.mask_shape;
+    std::printf("%-32s %-9s %-9s %12s %10s %12s\n", "forward kernel", "dtype", "isa", "max |error|", "median ms",
+                "GFLOP/s");
     bool all_ok = true;
     for (const auto &kernel : available_kernels()) {
-        if (kernel.operation != Operation::Forward || (kernel.head_dim != 0 && kernel.head_dim != d)) continue;
-        DemoInputs &in = inputs_for(kernel.dtype);
+        if (kernel.operation != Operation::Forward || (kernel.head_dim != 0 && kernel.head_dim != batch.d)) continue;
+        DemoInputs &in = inputs.at(kernel.dtype);
         const DLDataType type = dlpack::type_of(kernel.dtype);
-        std::vector<unsigned char> out(in.q_elements.size());
+        std::vector<unsigned char> out(in.q_elements.size(), 0xff);  // NaN in every dtype
         DLTensor dq = dense_dl(in.q_elements.data(), shape, type), dk = dense_dl(in.k_elements.data(), shape, type),
                  dv = dense_dl(in.v_elements.data(), shape, type), dout = dense_dl(out.data(), shape, type),
-                 dmask = dense_dl(mask.data(), mask_shape, dlpack::kBool);
-        const auto selected = select_kernel(kernel.device, kernel.dtype, d, d, {true, true, false});
-        std::vector<CpuIsa> isas{CpuIsa::Auto};
-        if (kernel.device == Device::CPU) isas = supported_cpu_isas();
-        for (CpuIsa isa : isas) {
-            Options o = options;
-            o.kernel = kernel.name;
-            o.cpu_isa = isa;
-            o.device = kernel.device;
-            const char *isa_name = kernel.device == Device::CPU ? to_string(isa) : to_string(kernel.device);
-            std::fill(out.begin(), out.end(), 0xff);  // NaN in every dtype
-            std::vector<double> ms;
-            try {
-                // The GPU runs copy the inputs in and the result out on every call.
-                ms = timing::time_calls([&] { forward(dq, dk, dv, &dmask, dout, o); }, kernel.device == Device::CPU ? 5 : 2);
-            } catch (const attend::Error &e) {  // no such device here: say so and go on
-                std::printf("%-32s %-9s %-9s not run: %s\n", kernel.name.c_str(), to_string(kernel.dtype), isa_name,
-                            e.what());
-                continue;
-            }
-            const auto got = floats_of(out, kernel.dtype);
-            double max_error = 0;
-            bool within = true;
-            for (size_t e = 0; e < got.size(); e++) {
-                double err = std::fabs(double(got[e]) - in.expected[e]);
-                max_error = std::isnan(err) ? INFINITY : std::max(max_error, err);
-                within = within && err <= parity + unit_roundoff(kernel.dtype) * std::fabs(in.expected[e]);
-            }
-            all_ok = all_ok && within;
-            const bool picked = selected && kernel.name == selected->name && isa == CpuIsa::Auto;
-            std::printf("%-32s %-9s %-9s %12.2e %10.2f %12.1f%s%s\n", kernel.name.c_str(), to_string(kernel.dtype),
-                        isa_name, max_error, timing::median(ms), flops / timing::median(ms) / 1e6, within ? "" : "  ERROR ABOVE PARITY",
-                        picked ? "  <- what forward() picks here" : "");
-        }
+                 dmask = dense_dl(const_cast<uint8_t *>(batch.mask.data()), mask_shape, dlpack::kBool);
+        const auto selected = select_kernel(kernel.device, kernel.dtype, batch.d, batch.d, {true, true, false});
+        all_ok &= demo_rows(
+            kernel, selected && selected->name == kernel.name,
+            flop_count(batch.b, batch.h, batch.n, batch.m, batch.d, batch.d, true),
+            [&](Options o) {
+                o.causal = batch.options.causal;
+                forward(dq, dk, dv, &dmask, dout, o);
+            },
+            [&] {
+                const auto got = floats_of(out, kernel.dtype);
+                std::fill(out.begin(), out.end(), 0xff);  // NaN in every dtype, for the next target
+                double max_error = 0;
+                bool within = true;
+                for (size_t e = 0; e < got.size(); e++) {
+                    double err = std::fabs(double(got[e]) - in.expected[e]);
+                    max_error = std::isnan(err) ? INFINITY : std::max(max_error, err);
+                    within = within && err <= parity + unit_roundoff(kernel.dtype) * std::fabs(in.expected[e]);
+                }
+                return std::pair{max_error, within};
+            });
     }
-    std::printf("\nGFLOP/s counts 4*b*h*n*m*d/2 (causal). %s\n",
+    std::printf("\nGFLOP/s counts 4*b*h*n*m*d/2 (causal). %s\n\n",
                 all_ok ? "Every kernel matches the reference within 2e-5 (plus, for float16/bfloat16, the "
                          "rounding of out: 2^-11 and 2^-8 of |out|)."
                        : "SOME KERNELS DISAGREE WITH THE REFERENCE.");
-    return all_ok ? 0 : 1;
+    return all_ok;
+}
+
+// The backward of the batch in one dtype: dout rounded to it, out and lse from
+// the forward this build picks, and the double reference's gradients of the
+// seed module's function with the bound of each element (docs/contract.md §15).
+struct DemoGradients {
+    std::vector<unsigned char> dout_elements, out_elements;
+    std::vector<float> lse;
+    std::vector<double> dq, dk, dv, dq_terms, dk_terms, dv_terms;
+    double relative_dq = 0, relative_kv = 0;  // the bound per unit of an element's sum of absolute terms
+
+    DemoGradients(const DemoBatch &batch, const DemoInputs &in, DType dtype) {
+        std::vector<int64_t> shape = batch.shape, mask_shape = batch.mask_shape, lse_shape = batch.lse_shape;
+        const DLDataType type = dlpack::type_of(dtype);
+        const std::vector<float> dout = DemoInputs::rounded(batch.dout, dtype, dout_elements);
+        out_elements.resize(dout_elements.size());
+        lse.resize(size_t(batch.b * batch.h * batch.n));
+        DLTensor tq = dense_dl(const_cast<unsigned char *>(in.q_elements.data()), shape, type),
+                 tk = dense_dl(const_cast<unsigned char *>(in.k_elements.data()), shape, type),
+                 tv = dense_dl(const_cast<unsigned char *>(in.v_elements.data()), shape, type),
+                 tout = dense_dl(out_elements.data(), shape, type),
+                 tlse = dense_dl(lse.data(), lse_shape, DLDataType{kDLFloat, 32, 1}),
+                 tmask = dense_dl(const_cast<uint8_t *>(batch.mask.data()), mask_shape, dlpack::kBool);
+        forward(tq, tk, tv, &tmask, tout, &tlse, batch.options);
+
+        const int64_t n = batch.n, m = batch.m, d = batch.d;
+        Progress progress(std::string("double-precision reference gradients (") + to_string(dtype) + " inputs)");
+        double largest_norm_q = 0, largest_norm_k = 0;
+        for (int64_t bh = 0; bh < batch.b * batch.h; bh++) {
+            reference::Shape one{1, 1, 1, n, m, d, d};
+            const auto g = reference::backward(one, in.q.data() + bh * n * d, in.k.data() + bh * m * d,
+                                               in.v.data() + bh * m * d, batch.mask.data() + bh / batch.h * m,
+                                               dout.data() + bh * n * d, batch.options);
+            for (auto [to, from] : {std::pair{&dq, &g.dq}, {&dk, &g.dk}, {&dv, &g.dv}, {&dq_terms, &g.dq_terms},
+                                    {&dk_terms, &g.dk_terms}, {&dv_terms, &g.dv_terms}})
+                to->insert(to->end(), from->begin(), from->end());
+            progress.update(double(bh + 1) / double(batch.b * batch.h));
+        }
+        progress.done();
+        for (const auto &[values, largest] : {std::pair{&in.q, &largest_norm_q}, {&in.k, &largest_norm_k}}) {
+            for (size_t row = 0; row < values->size(); row += size_t(d)) {
+                double squares = 0;
+                for (int64_t c = 0; c < d; c++) squares += double((*values)[row + c]) * (*values)[row + c];
+                *largest = std::max(*largest, std::sqrt(squares));
+            }
+        }
+        double largest_lse = 0;
+        for (float l : lse)
+            if (std::isfinite(l)) largest_lse = std::max(largest_lse, double(std::fabs(l)));
+        // Each term carries P's error (the score through exp: 2·sqrt(d)·eps·|s|,
+        // and lse's, eps·|lse|) and dP's and D's (sqrt(d)·eps); the sum over
+        // `outer` terms adds sqrt(outer)·eps; a 16-bit out moves D by u; factor 4
+        // as in the tests (tests/backward_support.hpp).
+        const double eps = FLT_EPSILON, score = largest_norm_q * largest_norm_k / std::sqrt(double(d));
+        auto relative = [&](int64_t outer) {
+            return 4.0 * eps * (2.0 * std::sqrt(double(d)) * score + std::sqrt(double(d)) + largest_lse +
+                                std::sqrt(double(outer)) + 8.0) +
+                   unit_roundoff(dtype);
+        };
+        relative_dq = relative(m);
+        relative_kv = relative(n);
+    }
+};
+
+// Every backward kernel of the build on the batch, against the reference's gradients.
+bool demo_backward(const DemoBatch &batch, std::map<DType, DemoInputs> &inputs) {
+    std::map<DType, DemoGradients> gradients;
+    for (const auto &kernel : available_kernels()) {
+        if (kernel.operation == Operation::Backward && !gradients.count(kernel.dtype))
+            gradients.try_emplace(kernel.dtype, batch, inputs.at(kernel.dtype), kernel.dtype);
+    }
+    if (gradients.empty()) return true;
+    std::printf("%-32s %-9s %-9s %12s %10s %12s\n", "backward kernel (dq, dk, dv)", "dtype", "isa",
+                "max |error|", "median ms", "GFLOP/s");
+    std::vector<int64_t> shape = batch.shape, mask_shape = batch.mask_shape, lse_shape = batch.lse_shape;
+    bool all_ok = true;
+    for (const auto &kernel : available_kernels()) {
+        if (kernel.operation != Operation::Backward || (kernel.head_dim != 0 && kernel.head_dim != batch.d)) continue;
+        DemoInputs &in = inputs.at(kernel.dtype);
+        DemoGradients &g = gradients.at(kernel.dtype);
+        const DLDataType type = dlpack::type_of(kernel.dtype);
+        std::vector<unsigned char> dq(in.q_elements.size(), 0xff), dk(dq.size(), 0xff), dv(dq.size(), 0xff);
+        DLTensor tq = dense_dl(in.q_elements.data(), shape, type), tk = dense_dl(in.k_elements.data(), shape, type),
+                 tv = dense_dl(in.v_elements.data(), shape, type), tout = dense_dl(g.out_elements.data(), shape, type),
+                 tlse = dense_dl(g.lse.data(), lse_shape, DLDataType{kDLFloat, 32, 1}),
+                 tdout = dense_dl(g.dout_elements.data(), shape, type), tdq = dense_dl(dq.data(), shape, type),
+                 tdk = dense_dl(dk.data(), shape, type), tdv = dense_dl(dv.data(), shape, type),
+                 tmask = dense_dl(const_cast<uint8_t *>(batch.mask.data()), mask_shape, dlpack::kBool);
+        KernelRequest request;
+        request.operation = Operation::Backward;
+        request.device = kernel.device;
+        request.dtype = kernel.dtype;
+        request.head_dim = request.value_dim = batch.d;
+        request.features = {true, true, false};
+        const auto selected = select_kernel(request);
+        const double u = unit_roundoff(kernel.dtype),
+                     subnormal = kernel.dtype == DType::Float16 ? std::ldexp(1.0, -25) : 0.0;
+        all_ok &= demo_rows(
+            kernel, selected && selected->kernel.name == kernel.name,
+            backward_flop_count(batch.b, batch.h, batch.n, batch.m, batch.d, batch.d, true),
+            [&](Options o) {
+                o.causal = batch.options.causal;
+                backward(tq, tk, tv, &tmask, tout, tlse, tdout, tdq, tdk, tdv, o);
+            },
+            [&] {
+                double max_error = 0;
+                bool within = true;
+                for (const auto &[got_elements, expected, terms, relative] :
+                     {std::tuple{&dq, &g.dq, &g.dq_terms, g.relative_dq}, {&dk, &g.dk, &g.dk_terms, g.relative_kv},
+                      {&dv, &g.dv, &g.dv_terms, g.relative_kv}}) {
+                    const auto got = floats_of(*got_elements, kernel.dtype);
+                    std::fill(got_elements->begin(), got_elements->end(), 0xff);  // NaN, for the next target
+                    for (size_t e = 0; e < got.size(); e++) {
+                        const double err = std::fabs(double(got[e]) - (*expected)[e]);
+                        max_error = std::isnan(err) ? INFINITY : std::max(max_error, err);
+                        within = within && err <= relative * (*terms)[e] + u * std::fabs((*expected)[e]) + subnormal;
+                    }
+                }
+                return std::pair{max_error, within};
+            });
+    }
+    std::printf("\nGFLOP/s counts 10*b*h*n*m*d/2 (causal). %s\n",
+                all_ok ? "Every gradient element is within its bound of the reference: 4*eps*(2*sqrt(d)*|s| + "
+                         "sqrt(d) + |lse| + sqrt(n or m) + 8) (plus, for float16/bfloat16, 2^-11 and 2^-8) times "
+                         "the sum of its terms' absolute values, plus the rounding of the gradient."
+                       : "SOME GRADIENTS DISAGREE WITH THE REFERENCE.");
+    return all_ok;
+}
+
+int demo_command() {
+    const DemoBatch batch;
+    std::printf("attend demo: naturalspeech2-like attention, b=%lld h=%lld n=m=%lld d=%lld,\n"
+                "key padding mask (lengths %lld and %lld) and causal, forward and backward against a\n"
+                "double-precision reference computed from the same inputs (float16/bfloat16: the inputs\n"
+                "rounded to that dtype)\n\n",
+                (long long)batch.b, (long long)batch.h, (long long)batch.n, (long long)batch.d,
+                (long long)batch.lengths[0], (long long)batch.lengths[1]);
+    std::map<DType, DemoInputs> inputs;  // the references first, then the tables
+    for (const auto &kernel : available_kernels()) {
+        if (!inputs.count(kernel.dtype)) inputs.try_emplace(kernel.dtype, batch, kernel.dtype);
+    }
+    const bool forward_ok = demo_forward(batch, inputs);
+    const bool backward_ok = demo_backward(batch, inputs);
+    return forward_ok && backward_ok ? 0 : 1;
 }
 
 // `attend kernels --device cuda`: runs each CUDA kernel of the build (forward

@@ -68,7 +68,7 @@ TEST_CASE("backward: strided inputs and gradients (heads outermost in memory) eq
     check_float32(strided);
 }
 
-TEST_CASE("backward: the gradients are bitwise the same run after run and for any number of threads") {
+TEST_CASE("backward: the gradients are bitwise the same run after run and with 1, the default and 8 threads") {
     ProblemSpec s = spec_of(2, 4, 150, 170, built_head_dims().at(0));
     s.kv_heads = 2;
     s.mask = true;
@@ -76,16 +76,44 @@ TEST_CASE("backward: the gradients are bitwise the same run after run and for an
     o.causal = true;
     o.training = true;
     o.dropout = 0.2f;
-    Backward first(s, o), again(s, o), one_thread(s, o);
+    Backward first(s, o), again(s, o), one_thread(s, o), eight_threads(s, o);
     first.run(o);
     again.run(o);
     halide_set_num_threads(1);
     one_thread.run(o);
+    halide_set_num_threads(8);
+    eight_threads.run(o);
     halide_set_num_threads(0);  // back to the default (the number of cores)
-    for (Backward *other : {&again, &one_thread}) {
+    for (Backward *other : {&again, &one_thread, &eight_threads}) {
         CHECK(std::memcmp(first.dq.storage.data(), other->dq.storage.data(), first.dq.storage.size() * 4) == 0);
         CHECK(std::memcmp(first.dk.storage.data(), other->dk.storage.data(), first.dk.storage.size() * 4) == 0);
         CHECK(std::memcmp(first.dv.storage.data(), other->dv.storage.data(), first.dv.storage.size() * 4) == 0);
+    }
+}
+
+TEST_CASE("backward: dropout p = 0, 0.1, 0.5 and 1 (training) equal the oracle") {
+    // p = 1 drops every weight: out = 0 and every gradient 0 (keep scale 0, not 1/0).
+    ProblemSpec s = spec_of(2, 2, 70, 90, built_head_dims().at(0));
+    s.mask = true;
+    s.mask_keep = 0.7;
+    for (float p : {0.0f, 0.1f, 0.5f, 1.0f}) {
+        for (bool causal : {false, true}) {
+            INFO("p = " << p << (causal ? ", causal" : ""));
+            Options o;
+            o.training = true;
+            o.dropout = p;
+            o.seed = 5;
+            o.causal = causal;
+            Backward b(s, o);
+            b.run(o);
+            check_float32(b);
+            if (p == 1.0f) {
+                for (const Tensor<float> *g : {&b.dq, &b.dk, &b.dv}) {
+                    const auto values = g->dense();
+                    CHECK(std::all_of(values.begin(), values.end(), [](float x) { return x == 0.0f; }));
+                }
+            }
+        }
     }
 }
 
@@ -188,6 +216,34 @@ TEST_CASE("backward: every bad input is an invalid_argument naming the argument,
              c.options.dropout = 1.5f;
          },
          {"options.dropout"}},
+        {"dout's last dim differs from out's",
+         [](BackwardCall &c) {
+             c.bent_shape.assign(c.dout.shape, c.dout.shape + 4);
+             c.bent_shape[3] = 7;
+             c.dout.shape = c.bent_shape.data();
+         },
+         {"dout: expected out's shape [2, 4, 5, 8], got [2, 4, 5, 7]"}},
+        {"dk with 3 dims where k has 4",
+         [](BackwardCall &c) {
+             c.bent_shape = {2, 7, 8};
+             c.dk.ndim = 3;
+             c.dk.shape = c.bent_shape.data();
+             c.dk.strides = nullptr;
+         },
+         {"dk: expected k's shape [2, 2, 7, 8], got [2, 7, 8]"}},
+        {"lse of dtype float16", [](BackwardCall &c) { c.lse.dtype = DLDataType{kDLFloat, 16, 1}; },
+         {"lse: expected dtype float32, got float16"}},
+        {"dq's data null", [](BackwardCall &c) { c.dq.data = nullptr; }, {"dq: data is null"}},
+        {"dv starts inside dq",
+         [](BackwardCall &c) { c.dv.data = static_cast<float *>(c.dq.data) + 3; },
+         {"dq: overlaps the memory of dk or dv"}},
+        {"dq with a negative stride",
+         [](BackwardCall &c) {
+             c.bent_shape.assign(c.dq.strides, c.dq.strides + 4);
+             c.bent_shape[2] = -8;
+             c.dq.strides = c.bent_shape.data();
+         },
+         {"dq: stride of dim 2 is -8"}},
         {"a forward kernel forced",
          [](BackwardCall &c) { c.options.kernel = "attend_cpu_generic"; },
          {"options.kernel: attend_cpu_generic computes another operation"}},

@@ -1,9 +1,10 @@
-// libFuzzer harness for attend::forward: the bytes choose shapes, ranks, strides,
-// byte offsets, dtypes, devices, null pointers, options and the data, and the
-// call goes through the DLPack or the Halide-buffer entry point. A call may fail
-// only with std::invalid_argument or attend::Error, and a rejected call (or a
-// failed one on a GPU) must leave out untouched; anything else (a crash, a
-// sanitizer report, another exception, a changed out) is a finding. Where the
+// libFuzzer harness for attend::forward and attend::backward: the bytes choose
+// shapes, ranks, strides, byte offsets, dtypes, devices, null pointers, options
+// and the data, and the call goes through the DLPack or the Halide-buffer entry
+// point. A call may fail only with std::invalid_argument or attend::Error, and a
+// rejected call (or a failed one on a GPU) must leave what it writes untouched
+// (out and lse; dq, dk and dv); anything else (a crash, a sanitizer report,
+// another exception, a changed output) is a finding. Where the
 // CUDA kernels are built, CUDA calls run against the fake driver of
 // tests/fake_cuda, sometimes with too little device memory.
 //
@@ -183,13 +184,50 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                                                                         : uint64_t(1) << 30;
     attend_fake_cuda_configure(("memory=" + std::to_string(device_memory)).c_str());
 #endif
+    // The backward, decided after everything the forward decodes (so inputs saved
+    // before it decode as they did): out and lse become its inputs, with dout, and
+    // it writes dq, dk and dv.
+    const bool backward_call = in.ConsumeBool();
+    FuzzTensor grad_out, grad_q, grad_k, grad_v;
+    if (backward_call) {
+        grad_out = make(in, {b, h, n, dv}, q.dtype);
+        grad_q = make(in, {b, h, n, d}, q.dtype);
+        grad_k = make(in, kv_shape, k.dtype);
+        grad_v = make(in, v_shape, v.dtype);
+        for (FuzzTensor *t : {&grad_out, &grad_q, &grad_k, &grad_v}) {
+            if (!t->allocate(in)) return 0;
+        }
+    }
     // Calls that run on a GPU copy their results to host tensors only when all went well.
     bool on_gpu = options.device == attend::Device::CUDA || options.device == attend::Device::OpenCL;
-    for (FuzzTensor *t : {&q, &k, &v, &out}) on_gpu = on_gpu || t->device.device_type == kDLCUDA;
+    for (FuzzTensor *t : {&q, &k, &v, &out, &grad_out, &grad_q, &grad_k, &grad_v}) on_gpu = on_gpu || t->device.device_type == kDLCUDA;
 
-    const std::vector<unsigned char> out_before = out.storage, lse_before = lse.storage;
+    // What the call writes: out and lse (forward) or dq, dk and dv (backward).
+    const std::vector<FuzzTensor *> written = backward_call ? std::vector<FuzzTensor *>{&grad_q, &grad_k, &grad_v}
+                                                            : std::vector<FuzzTensor *>{&out, &lse};
+    std::vector<std::vector<unsigned char>> before;
+    for (const FuzzTensor *t : written) before.push_back(t->storage);
+    auto unchanged = [&] {
+        for (size_t i = 0; i < written.size(); i++) {
+            if (written[i]->storage != before[i]) return false;
+        }
+        return true;
+    };
     try {
-        if (halide_entry) {
+        if (backward_call && halide_entry) {
+            halide_buffer_t hq = q.halide(), hk_ = k.halide(), hv = v.halide(), hout = out.halide(), hmask = mask.halide(),
+                            hlse = lse.halide(), hdout = grad_out.halide(), hdq = grad_q.halide(),
+                            hdk = grad_k.halide(), hdv = grad_v.halide();
+            Halide::Runtime::Buffer<const void> bq(hq), bk(hk_), bv(hv), bout(hout), bdout(hdout), bmask, blse;
+            if (with_mask) bmask = Halide::Runtime::Buffer<const void>(hmask);
+            if (with_lse) blse = Halide::Runtime::Buffer<const void>(hlse);
+            Halide::Runtime::Buffer<void> bdq(hdq), bdk(hdk), bdv(hdv);
+            attend::backward(bq, bk, bv, bmask, bout, blse, bdout, bdq, bdk, bdv, options);
+        } else if (backward_call) {
+            DLTensor tq = q.dl(), tk = k.dl(), tv = v.dl(), tout = out.dl(), tmask = mask.dl(), tlse = lse.dl(),
+                     tdout = grad_out.dl(), tdq = grad_q.dl(), tdk = grad_k.dl(), tdv = grad_v.dl();
+            attend::backward(tq, tk, tv, with_mask ? &tmask : nullptr, tout, tlse, tdout, tdq, tdk, tdv, options);
+        } else if (halide_entry) {
             halide_buffer_t hq = q.halide(), hk_ = k.halide(), hv = v.halide(), hout = out.halide(), hmask = mask.halide(),
                             hlse = lse.halide();
             Halide::Runtime::Buffer<const void> bq(hq), bk(hk_), bv(hv), bmask;
@@ -202,14 +240,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             attend::forward(dq, dk, dv_, with_mask ? &dmask : nullptr, dout, with_lse ? &dlse : nullptr, options);
         }
     } catch (const std::invalid_argument &) {
-        if (out.storage != out_before || lse.storage != lse_before) {
-            std::fprintf(stderr, "a rejected call changed out or lse\n");
+        if (!unchanged()) {
+            std::fprintf(stderr, "a rejected call changed what it writes\n");
             std::abort();
         }
     } catch (const attend::Error &) {
         // A failure while running (e.g. a device that is not there): reported, not a crash.
-        if (on_gpu && (out.storage != out_before || lse.storage != lse_before)) {
-            std::fprintf(stderr, "a failed GPU call changed out or lse\n");
+        if (on_gpu && !unchanged()) {
+            std::fprintf(stderr, "a failed GPU call changed what it writes\n");
             std::abort();
         }
     }
