@@ -20,7 +20,11 @@ Without the seed file, --seed-math-max-n 0 runs everything but the seed's column
 
 GFLOP/s count 4*b*h*n*m*d, halved for causal. Times are medians: of --repeats
 calls per round, then over --rounds rounds in which Attend and SDPA alternate.
-Last, the memory one Attend call adds at n=m=--memory-n (peak RSS growth).
+Then decoding (a few queries over a long KV cache, fp32): milliseconds, and the
+rate at which each reads k and v (GB/s: 1e9 bytes per second) as a fraction of
+this machine's memory bandwidth (mem_bw, measured in the same run); SDPA gets
+grouped-query k and v with enable_gqa. Last, the memory one Attend call adds at
+n=m=--memory-n (peak RSS growth).
 """
 import argparse
 import json
@@ -49,6 +53,7 @@ def parse_args():
                     help="largest n for the seed's math path (0: no seed math column, no seed file needed)")
     ap.add_argument("--seed-file", help="the seed file with the original Attend module (default: $ATTEND_SEED_FILE)")
     ap.add_argument("--dtypes", default="float32,float16,bfloat16", help="which rows to run, by dtype")
+    ap.add_argument("--no-decode", action="store_true", help="without the decoding rows")
     ap.add_argument("--json", default=str(REPO / "bench" / "results" / "compare_torch.json"))
     ap.add_argument("--plot", default=str(REPO / "bench" / "results" / "compare_torch.png"))
     return ap.parse_args()
@@ -73,6 +78,72 @@ def shapes(quick):
     return out
 
 
+def decode_shapes():
+    """Decoding: n new queries (1 or a few) over m cached keys, fp32."""
+    out = [dict(b=1, h=8, hk=8, n=1, m=m, d=d) for m in (8192, 65536) for d in (64, 128)]
+    out += [dict(b=4, h=16, hk=16, n=1, m=4096, d=128), dict(b=2, h=8, hk=8, n=16, m=4096, d=64),
+            dict(b=1, h=32, hk=8, n=1, m=32768, d=128)]
+    for s in out:
+        s.update(causal=False, mask=False, mq=False, dtype="float32")
+    return out
+
+
+def kv_bytes(s):
+    return 2.0 * 4 * s["b"] * s["hk"] * s["m"] * s["d"]
+
+
+def mem_bw(build, threads):
+    """Streaming read bandwidth in GB/s (bench/mem_bw.c), or None where it is not built."""
+    exe = Path(build) / "bench" / "mem_bw"
+    if not exe.exists():
+        return None
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    fields = subprocess.run([str(exe)], capture_output=True, text=True, env=env, check=True).stdout.split()
+    return float(fields[3])  # "<threads> threads read <GB/s> GB/s over <MiB> MiB"
+
+
+def decode_sdpa_ms(torch, s, repeats):
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(s["b"], s["h"], s["n"], s["d"], generator=g)
+    k = torch.randn(s["b"], s["hk"], s["m"], s["d"], generator=g)
+    v = torch.randn(s["b"], s["hk"], s["m"], s["d"], generator=g)
+    with torch.no_grad():
+        return median_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=s["hk"] != s["h"]), repeats)
+
+
+def decode_rows(args, torch):
+    """Attend (the kernel the call picks) and SDPA on decoding shapes, against mem_bw."""
+    bandwidths = [b for b in (mem_bw(args.build, args.threads) for _ in range(3)) if b]
+    header = (f"{'decoding, fp32':<36}{'Attend ms':>10}{'SDPA ms':>9}{'SDPA/Attend':>13}{'Attend GB/s':>13}"
+              f"{'of mem_bw':>10}{'SDPA GB/s':>11}  kernel")
+    print("\n" + header + "\n" + "-" * len(header))
+    rows = []
+    for s in decode_shapes():
+        attend_times, sdpa_times, kernel = [], [], None
+        for _ in range(args.rounds):
+            r = attend_bench(args.build, s, 10 * args.repeats, args.threads)
+            attend_times.append(r["median_ms"])
+            kernel = r.get("kernel")
+            sdpa_times.append(decode_sdpa_ms(torch, s, 10 * args.repeats))
+        bandwidths += [b for b in [mem_bw(args.build, args.threads)] if b]
+        attend, sdpa = statistics.median(attend_times), statistics.median(sdpa_times)
+        gbs = kv_bytes(s) / attend / 1e6
+        rows.append(dict(s, attend_ms=attend, sdpa_ms=sdpa, sdpa_over_attend=sdpa / attend, attend_gbs=gbs,
+                         sdpa_gbs=kv_bytes(s) / sdpa / 1e6, kernel=kernel))
+        bw = max(bandwidths) if bandwidths else None
+        name = f"b={s['b']} h={s['h']}{'' if s['hk'] == s['h'] else ' hk=' + str(s['hk'])} n={s['n']} m={s['m']} d={s['d']}"
+        print(f"{name:<36}{attend:>10.2f}{sdpa:>9.2f}{sdpa / attend:>12.2f}x{gbs:>13.1f}"
+              f"{(f'{gbs / bw:.0%}' if bw else '-'):>10}{rows[-1]['sdpa_gbs']:>11.1f}  {kernel}", flush=True)
+    bw = max(bandwidths) if bandwidths else None
+    for row in rows:
+        row["fraction_of_mem_bw"] = row["attend_gbs"] / bw if bw else None
+    if bw:
+        print(f"\nmem_bw: {bw:.1f} GB/s, the largest of {len(bandwidths)} measurements in this run "
+              f"(smallest {min(bandwidths):.1f}); k and v of each row are 2*4*b*hk*m*d bytes")
+    return rows, bw, bandwidths
+
+
 def flops(s):
     return 4.0 * s["b"] * s["h"] * s["n"] * s["n"] * s["d"] * (0.5 if s["causal"] else 1.0)
 
@@ -94,10 +165,10 @@ def fma_peak(build, threads):
 
 def attend_bench(build, s, repeats, threads):
     cmd = [str(Path(build) / "bin" / "attend"), "bench", "--b", str(s["b"]), "--h", str(s["h"]), "--n", str(s["n"]),
-           "--m", str(s["n"]), "--d", str(s["d"]), "--repeats", str(repeats), "--dtype", s["dtype"], "--json"]
+           "--m", str(s.get("m", s["n"])), "--d", str(s["d"]), "--repeats", str(repeats), "--dtype", s["dtype"], "--json"]
     cmd += ["--causal"] if s["causal"] else []
     cmd += ["--mask"] if s["mask"] else []
-    cmd += ["--kv-heads", "0"] if s["mq"] else []
+    cmd += ["--kv-heads", "0"] if s["mq"] else ["--kv-heads", str(s["hk"])] if "hk" in s else []
     cmd += ["--backward"] if s.get("backward") else []
     env = dict(os.environ, HL_NUM_THREADS=str(threads))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
@@ -195,6 +266,7 @@ def main():
         print(header + "\n" + "-" * len(header))
         for row in rows:
             print(table_row(row, peak))
+    decode, bandwidth, bandwidths = ([], None, []) if args.no_decode else decode_rows(args, torch)
     memory = None
     if args.memory_n:
         # The host memory one call adds (attend bench resets the peak RSS before its
@@ -209,20 +281,23 @@ def main():
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(dict(threads=args.threads, fma_peak_gflops=peak, fma_peak_measurements=peaks,
                                                torch=torch.__version__,
-                                               rounds=args.rounds, repeats=args.repeats, rows=rows, memory=memory),
+                                               rounds=args.rounds, repeats=args.repeats, rows=rows, memory=memory,
+                                               decode=decode, mem_bw_gbs=bandwidth, mem_bw_measurements=bandwidths),
                                           indent=1))
     if any(r["dtype"] == "float32" for r in rows):
-        plot(rows, peak, args.plot)
+        plot(rows, peak, args.plot, decode, bandwidth)
         print(f"wrote {args.json} and {args.plot}")
     else:
         print(f"wrote {args.json}")
 
 
-def plot(rows, peak, path):
+def plot(rows, peak, path, decode=(), bandwidth=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 3 if decode else 2, figsize=(16.5 if decode else 11, 4.2),
+                             gridspec_kw=dict(width_ratios=[1, 1, 1.2] if decode else [1, 1]))
+    axes[1].sharey(axes[0])
     for ax, d in zip(axes, (64, 128)):
         for impl, key, style in (("Attend", "attend_gflops", "o"), ("PyTorch SDPA", "sdpa_gflops", "s"),
                                  ("seed math path", "seed_math_gflops", "^")):
@@ -242,6 +317,22 @@ def plot(rows, peak, path):
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("GFLOP/s")
     axes[1].legend(fontsize=7)
+    if decode:  # decoding: the rate of reading k and v, against the memory bandwidth
+        ax = axes[2]
+        names = [f"b{r['b']} h{r['h']}{'' if r['hk'] == r['h'] else '/' + str(r['hk'])} n{r['n']}\nm{r['m']} d{r['d']}"
+                 for r in decode]
+        x = range(len(decode))
+        ax.bar([i - 0.2 for i in x], [r["attend_gbs"] for r in decode], 0.4, label="Attend (decode kernel)")
+        ax.bar([i + 0.2 for i in x], [r["sdpa_gbs"] for r in decode], 0.4, label="PyTorch SDPA")
+        if bandwidth:
+            ax.axhline(bandwidth, color="gray", linewidth=1)
+            ax.text(-0.4, bandwidth * 0.97, "mem_bw", va="top", fontsize=8, color="gray")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(names, fontsize=6)
+        ax.set_ylabel("GB/s of k and v read")
+        ax.set_title("decoding, fp32")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

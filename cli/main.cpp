@@ -406,6 +406,7 @@ int bench_command(const BenchArgs &a) {
     request.head_dim = a.d;
     request.value_dim = dv;
     request.features = Features{a.mask, a.causal, false};
+    request.rows_per_kv_head = kv_heads > 0 ? a.n * (a.h / kv_heads) : a.n * a.h;
     request.kernel = a.kernel;
     request.cpu_isa = options.cpu_isa;
     std::string why_not;
@@ -510,10 +511,11 @@ double unit_roundoff(DType dtype) {
 }
 
 // Times calls of one kernel on every CPU target this machine runs (a GPU kernel:
-// once); `check` judges each result. A kernel whose device is missing is reported
+// once); `check` judges each result. The last column is `work` (flops, or bytes
+// read) per call in G per second. A kernel whose device is missing is reported
 // and skipped. Returns false when a result failed its check.
 template <typename Call, typename Check>
-bool demo_rows(const KernelInfo &kernel, bool picked_kernel, double flops, Call &&call, Check &&check) {
+bool demo_rows(const KernelInfo &kernel, bool picked_kernel, double work, Call &&call, Check &&check) {
     std::vector<CpuIsa> isas{CpuIsa::Auto};
     if (kernel.device == Device::CPU) isas = supported_cpu_isas();
     bool all_ok = true;
@@ -535,7 +537,7 @@ bool demo_rows(const KernelInfo &kernel, bool picked_kernel, double flops, Call 
         const auto [max_error, within] = check();
         all_ok = all_ok && within;
         std::printf("%-32s %-9s %-9s %12.2e %10.2f %12.1f%s%s\n", kernel.name.c_str(), to_string(kernel.dtype),
-                    isa_name, max_error, timing::median(ms), flops / timing::median(ms) / 1e6,
+                    isa_name, max_error, timing::median(ms), work / timing::median(ms) / 1e6,
                     within ? "" : "  ERROR ABOVE THE BOUND",
                     picked_kernel && isa == CpuIsa::Auto ? "  <- what the call picks here" : "");
     }
@@ -552,7 +554,10 @@ bool demo_forward(const DemoBatch &batch, std::map<DType, DemoInputs> &inputs) {
                 "GFLOP/s");
     bool all_ok = true;
     for (const auto &kernel : available_kernels()) {
-        if (kernel.operation != Operation::Forward || (kernel.head_dim != 0 && kernel.head_dim != batch.d)) continue;
+        if (kernel.operation != Operation::Forward || kernel.max_rows > 0 ||
+            (kernel.head_dim != 0 && kernel.head_dim != batch.d)) {
+            continue;
+        }
         DemoInputs &in = inputs.at(kernel.dtype);
         const DLDataType type = dlpack::type_of(kernel.dtype);
         std::vector<unsigned char> out(in.q_elements.size(), 0xff);  // NaN in every dtype
@@ -584,6 +589,72 @@ bool demo_forward(const DemoBatch &batch, std::map<DType, DemoInputs> &inputs) {
                 all_ok ? "Every kernel matches the reference within 2e-5 (plus, for float16/bfloat16, the "
                          "rounding of out: 2^-11 and 2^-8 of |out|)."
                        : "SOME KERNELS DISAGREE WITH THE REFERENCE.");
+    return all_ok;
+}
+
+// Decoding: the last query of every head (a view of q, one row) over the whole
+// batch of keys, bottom-right causal, on each decode kernel; the reference is the
+// batch's last row (it sees every key, as a decoded token does).
+bool demo_decode(const DemoBatch &batch, std::map<DType, DemoInputs> &inputs) {
+    const double parity = 2e-5;  // as the forward table's
+    std::vector<int64_t> kv_shape = batch.shape, mask_shape = batch.mask_shape,
+                         row_shape{batch.b, batch.h, 1, batch.d};
+    std::vector<int64_t> q_strides{batch.h * batch.n * batch.d, batch.n * batch.d, batch.d, 1};
+    Options options;
+    options.causal = true;
+    options.causal_align = CausalAlign::BottomRight;
+    bool any = false, all_ok = true;
+    for (const auto &kernel : available_kernels()) {
+        if (kernel.operation != Operation::Forward || kernel.max_rows == 0 || kernel.head_dim != batch.d) continue;
+        if (!any) {
+            std::printf("%-32s %-9s %-9s %12s %10s %12s\n", "decode kernel (n=1, m=1024)", "dtype", "isa",
+                        "max |error|", "median ms", "GB/s of k, v");
+        }
+        any = true;
+        DemoInputs &in = inputs.at(kernel.dtype);
+        const DLDataType type = dlpack::type_of(kernel.dtype);
+        const size_t bytes = kernel.dtype == DType::Float32 ? 4 : 2;
+        std::vector<unsigned char> out(size_t(batch.b * batch.h * batch.d) * bytes, 0xff);
+        DLTensor dq = dense_dl(in.q_elements.data() + size_t((batch.n - 1) * batch.d) * bytes, row_shape, type);
+        dq.strides = q_strides.data();
+        DLTensor dk = dense_dl(in.k_elements.data(), kv_shape, type), dv = dense_dl(in.v_elements.data(), kv_shape, type),
+                 dout = dense_dl(out.data(), row_shape, type),
+                 dmask = dense_dl(const_cast<uint8_t *>(batch.mask.data()), mask_shape, dlpack::kBool);
+        KernelRequest request;
+        request.dtype = kernel.dtype;
+        request.head_dim = request.value_dim = batch.d;
+        request.features = {true, true, false};
+        request.rows_per_kv_head = 1;
+        const auto selected = select_kernel(request);
+        // Reported as the rate of reading k and v (the roofline of decoding).
+        const double kv_bytes = 2.0 * double(batch.b * batch.h * batch.m * batch.d * int64_t(bytes));
+        all_ok &= demo_rows(
+            kernel, selected && selected->kernel.name == kernel.name, kv_bytes,
+            [&](Options o) {
+                o.causal = options.causal;
+                o.causal_align = options.causal_align;
+                forward(dq, dk, dv, &dmask, dout, o);
+            },
+            [&] {
+                const auto got = floats_of(out, kernel.dtype);
+                std::fill(out.begin(), out.end(), 0xff);
+                double max_error = 0;
+                bool within = true;
+                for (int64_t bh = 0; bh < batch.b * batch.h; bh++) {
+                    for (int64_t c = 0; c < batch.d; c++) {
+                        const double expected = in.expected[size_t((bh * batch.n + batch.n - 1) * batch.d + c)];
+                        const double err = std::fabs(double(got[size_t(bh * batch.d + c)]) - expected);
+                        max_error = std::isnan(err) ? INFINITY : std::max(max_error, err);
+                        within = within && err <= parity + unit_roundoff(kernel.dtype) * std::fabs(expected);
+                    }
+                }
+                return std::pair{max_error, within};
+            });
+    }
+    if (any) {
+        std::printf("\n%s\n\n", all_ok ? "Every decode kernel matches the reference's last row within the forward's bound."
+                                        : "SOME DECODE KERNELS DISAGREE WITH THE REFERENCE.");
+    }
     return all_ok;
 }
 
@@ -727,8 +798,9 @@ int demo_command() {
         if (!inputs.count(kernel.dtype)) inputs.try_emplace(kernel.dtype, batch, kernel.dtype);
     }
     const bool forward_ok = demo_forward(batch, inputs);
+    const bool decode_ok = demo_decode(batch, inputs);
     const bool backward_ok = demo_backward(batch, inputs);
-    return forward_ok && backward_ok ? 0 : 1;
+    return forward_ok && decode_ok && backward_ok ? 0 : 1;
 }
 
 // `attend kernels --device cuda`: runs each CUDA kernel of the build (forward
@@ -808,9 +880,11 @@ int kernels_command(const std::string &device) {
         }
         std::string targets;
         for (CpuIsa isa : k.cpu_isas) targets += std::string(targets.empty() ? "" : "+") + to_string(isa);
-        std::printf("  %-32s %s, %s, %s, %s%s%s%s\n", k.name.c_str(), to_string(k.operation), to_string(k.device),
+        const std::string rows =
+            k.max_rows > 0 ? ", decoding: picked for at most " + std::to_string(k.max_rows) + " rows per kv head" : "";
+        std::printf("  %-32s %s, %s, %s, %s%s%s%s%s\n", k.name.c_str(), to_string(k.operation), to_string(k.device),
                     to_string(k.dtype),
-                    k.head_dim ? ("d = dv = " + std::to_string(k.head_dim)).c_str() : "any d and dv",
+                    k.head_dim ? ("d = dv = " + std::to_string(k.head_dim)).c_str() : "any d and dv", rows.c_str(),
                     targets.empty() ? "" : (", targets " + targets).c_str(), runs.empty() ? "" : ", ", runs.c_str());
     }
     std::printf("cpu instruction sets this machine can run:");

@@ -1,7 +1,9 @@
 # attend_add_kernel(<name> GENERATOR <registered generator name> OPERATION <forward|backward>
 #                   DEVICE <cpu|cuda|opencl> HEAD_DIM <n|0> [DTYPE <float32|float16|bfloat16>]
-#                   TARGETS <halide targets...> [PARAMS <k=v>...])
+#                   [ROWS <n>] TARGETS <halide targets...> [PARAMS <k=v>...])
 #
+# ROWS: a kernel made for calls with at most n query rows per kv head (decoding);
+# select_kernel prefers it for such calls and never picks it for others.
 # Stamps out one kernel variant of a generator (one of attend_generator's, e.g.
 # `attention`) as a Halide library that uses the project's one shared Halide
 # runtime, and records it for the kernel table the runtime is compiled with
@@ -57,7 +59,12 @@ function(attend_target_isa HALIDE_TARGET OUT)
 endfunction()
 
 function(attend_add_kernel NAME)
-    cmake_parse_arguments(PARSE_ARGV 1 ARG "" "GENERATOR;OPERATION;DEVICE;HEAD_DIM;DTYPE" "TARGETS;PARAMS")
+    cmake_parse_arguments(PARSE_ARGV 1 ARG "" "GENERATOR;OPERATION;DEVICE;HEAD_DIM;DTYPE;ROWS" "TARGETS;PARAMS")
+    if (NOT ARG_ROWS)
+        set(ARG_ROWS 0)
+    elseif (NOT ARG_ROWS MATCHES "^[1-9][0-9]*$")
+        message(FATAL_ERROR "attend_add_kernel(${NAME}): ROWS must be a positive number, got '${ARG_ROWS}'")
+    endif ()
     if (NOT ARG_GENERATOR)
         message(FATAL_ERROR "attend_add_kernel(${NAME}): GENERATOR (a generator of attend_generator) is required")
     endif ()
@@ -120,7 +127,7 @@ function(attend_add_kernel NAME)
             endif ()
             string(APPEND by_isa " ATTEND_ISA(${isa}, ${library})")
             set(tuned "")
-            if (ARG_OPERATION STREQUAL "forward")  # the tuning file holds the forward's knobs only
+            if (ARG_OPERATION STREQUAL "forward" AND ARG_ROWS EQUAL 0)  # the tuning file: the forward's knobs only
                 attend_tuned_params("${target}" ${ARG_HEAD_DIM} tuned)
             endif ()
             foreach (param IN LISTS ARG_PARAMS)  # explicit PARAMS win over tuned ones
@@ -143,13 +150,13 @@ function(attend_add_kernel NAME)
     endforeach ()
     list(GET libraries 0 first_library)  # whose metadata gives the kernel's element storage type
     set_property(GLOBAL APPEND_STRING PROPERTY ATTEND_KERNEL_ENTRIES
-                 "ATTEND_KERNEL(${NAME}, ${operation}, ${device}, ${ARG_HEAD_DIM}, ${dtype}, ${single_function}, ${first_library}_metadata,${by_isa})\n")
+                 "ATTEND_KERNEL(${NAME}, ${operation}, ${device}, ${ARG_HEAD_DIM}, ${dtype}, ${ARG_ROWS}, ${single_function}, ${first_library}_metadata,${by_isa})\n")
     set_property(GLOBAL APPEND PROPERTY ATTEND_KERNEL_LIBRARIES ${libraries})
 endfunction()
 
 # Writes the kernel table: the kernel headers, and one ATTEND_KERNEL(name,
-# operation, device, head dim, dtype, single function, metadata, ATTEND_ISA(isa,
-# function)...) per variant (runtime/kernel_table.cpp reads it).
+# operation, device, head dim, dtype, rows, single function, metadata,
+# ATTEND_ISA(isa, function)...) per variant (runtime/kernel_table.cpp reads it).
 function(attend_write_kernel_table FILE)
     get_property(entries GLOBAL PROPERTY ATTEND_KERNEL_ENTRIES)
     get_property(libraries GLOBAL PROPERTY ATTEND_KERNEL_LIBRARIES)

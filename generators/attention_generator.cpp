@@ -9,9 +9,13 @@
 // into blocks of `key_block`; per query row and block three partials are pure
 // (block max, block sum of weights, block weighted sum of v), and a Tuple-valued
 // update over the blocks merges them with the log-sum-exp rule. The blocks may be
-// cut into chunks whose states are merged by the same rule (a GPU runs the chunks
-// in parallel). Scores are kept in log2 units (q is scaled once by
-// scale * log2(e)) so the softmax uses 2^x.
+// cut into chunks whose states are merged by the same rule (a GPU, and the CPU
+// decode kernels, run the chunks in parallel). Scores are kept in log2 units (q
+// is scaled once by scale * log2(e)) so the softmax uses 2^x.
+//
+// A task is the rows of one head (tiles of query_tile rows), or with decode=true
+// the rows of every head of one kv head's group in one tile, so that decoding
+// (a few queries over a long KV cache) reads k and v once per group.
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -56,6 +60,16 @@ public:
     // tile (the score loop is then fully unrolled over d), so the scores read only
     // k from shared memory.
     GeneratorParam<bool> gpu_q_registers{"gpu_q_registers", false};
+
+    // Decoding (few query rows over many keys): a task's rows are the query rows
+    // of every head of a kv head's group (head by head), all in one tile, so the
+    // group reads k and v once, and the chunks of keys (key_splits) run in
+    // parallel. CPU only, with a head_dim; query_tile is not used.
+    GeneratorParam<bool> decode{"decode", false};
+    // Decoding: keys per register tile of the scores, and SIMD vectors of
+    // columns per register tile of P·V.
+    GeneratorParam<int> decode_score_keys{"decode_score_keys", 4};
+    GeneratorParam<int> decode_pv_vectors{"decode_pv_vectors", 8};
 
     // The element type of q, k, v and out: float32, float16 or bfloat16. Every
     // sum accumulates in float32; out is rounded once, when it is written.
@@ -108,11 +122,15 @@ public:
 
     void generate() {
         check_kernel_abi(arginfos(), attend::kForwardKernelArgNames);
+        _halide_user_assert(!decode || (!generic() && !get_target().has_gpu_feature()))
+            << "decode=true needs a head_dim and a CPU target";
         define_algorithm();
         if (using_autoscheduler()) {
             set_estimates();
         } else if (get_target().has_gpu_feature()) {
             schedule_gpu();
+        } else if (decode) {
+            schedule_cpu_decode();
         } else {
             schedule_cpu();
         }
@@ -133,19 +151,29 @@ private:
         Expr N = q.dim(1).extent(), M = k.dim(1).extent();
         Expr H = q.dim(2).extent(), HK = k.dim(2).extent();
         Expr D = generic() ? q.dim(0).extent() : Expr(int(head_dim));
-        Expr kv_head = hq / (H / HK);  // grouped- and multi-query: no copy of k, v
+        Expr group = H / HK;  // heads per kv head (grouped- and multi-query: no copy of k, v)
+        // A task's rows: the query rows of head hq, or decoding, those of every
+        // head of kv head hq's group, head by head.
+        Expr task_rows = decode ? N * group : N;
         // Tiles are numbered from the last: slot io holds tile T - 1 - io, so a loop
         // over slots (the GPU's thread blocks, launched in index order) starts with
         // the tiles that have the most causal keys and ends with the shortest,
         // instead of ending with a long tile running alone.
-        Expr tiles = (N + TQ - 1) / TQ;
+        Expr tiles = decode ? 1 : (task_rows + TQ - 1) / TQ;
         Expr tile_of_slot = tiles - 1 - io;
-        Expr row = tile_of_slot * TQ + ii;  // the query row of slot io, lane ii
+        Expr task_row = decode ? ii : tile_of_slot * TQ + ii;  // the task's row of slot io, lane ii
+        Expr row = task_row, head = hq, kv_head = hq / group;
+        if (decode) {
+            Expr r = min(task_row, task_rows - 1);  // lanes past the end repeat the last row
+            row = r % N;
+            head = hq * group + r / N;
+            kv_head = hq;
+        }
         Expr key = kb * BK + jj;
         Expr key_in = min(key, M - 1);  // loads stay in bounds on a partial last block
 
         // q transposed (rows innermost) and scaled once: scores come out in log2 units.
-        q_scaled(ii, c, io, hq, bb) = widen(q(c, min(row, N - 1), hq, bb), element_type) * (scale * float(M_LOG2E));
+        q_scaled(ii, c, io, hq, bb) = widen(q(c, min(row, N - 1), head, bb), element_type) * (scale * float(M_LOG2E));
 
         // The keys and values of block kb (the GPU stages them in shared memory; k
         // transposed, keys innermost).
@@ -174,7 +202,7 @@ private:
         // Dropout zeroes weights after the softmax: the sum above keeps them all.
         // Unsigned: the positions of padded rows and keys past the end may pass
         // 2^31 - 1 (their weights are discarded; the sum must not overflow).
-        Expr kept = dropout_kept(seed_lo, seed_hi, bb, hq, cast<uint32_t>(row) + cast<uint32_t>(query_offset),
+        Expr kept = dropout_kept(seed_lo, seed_hi, bb, head, cast<uint32_t>(row) + cast<uint32_t>(query_offset),
                                  cast<uint32_t>(key) + cast<uint32_t>(key_offset), drop_threshold);
         kept_weight(ii, jj, kb, io, hq, bb) = select(kept, weight(ii, jj, kb, io, hq, bb), 0.0f);
 
@@ -187,9 +215,11 @@ private:
         // from the mask and causal_offset. The conditions are scalars so that Halide turns the
         // predicate into the loop bound (a condition on loaded data would be
         // relaxed to "every block").
+        // (Decoding, a tile may hold any row of each head: its last row is N - 1.)
         Expr num_blocks = (M + BK - 1) / BK;
-        Expr below_diagonal = clamp((tile_of_slot * TQ + TQ - 1 + causal_offset) / BK + 1, 0, num_blocks);
-        Expr skip = causal && tile_of_slot * TQ >= all_keys_rows;
+        Expr last_row = decode ? N - 1 : tile_of_slot * TQ + TQ - 1;
+        Expr below_diagonal = clamp((last_row + causal_offset) / BK + 1, 0, num_blocks);
+        Expr skip = causal && (decode ? all_keys_rows == 0 : tile_of_slot * TQ >= all_keys_rows);
         // Chunk `split` of the key blocks: blocks is the position inside it.
         Expr chunk = (num_blocks + key_splits - 1) / key_splits;
         blocks = RDom(0, chunk, "blocks");
@@ -200,7 +230,10 @@ private:
         Expr lb = block_sum(ii, block, io, hq, bb);
         splits = RDom(0, key_splits, "splits");
 
-        Expr in_tile = i % TQ, slot = tiles - 1 - i / TQ;
+        // Where out's row i of head hq is: lane, slot and task.
+        Expr out_row = decode ? (hq % group) * N + i : i;
+        Expr in_tile = decode ? out_row : out_row % TQ, slot = decode ? 0 : tiles - 1 - out_row / TQ;
+        Expr task = decode ? hq / group : hq;
         if (generic()) {
             // One (max, sum, out) state per output column and row.
             state(c, ii, split, io, hq, bb) = Tuple(-FLT_MAX, 0.0f, 0.0f);
@@ -232,12 +265,12 @@ private:
             for (int column = 0; column < DV; column++) part_outs.push_back(part(2 + column));
             merged(ii, io, hq, bb) = Tuple(init);
             merged(ii, io, hq, bb) = merge_softmax_state(merged(ii, io, hq, bb), part(0), part(1), part_outs);
-            Tuple st = merged(in_tile, slot, hq, bb);
+            Tuple st = merged(in_tile, slot, task, bb);
             std::vector<Expr> columns(st.as_vector().begin() + 2, st.as_vector().end());
             Tuple row_st = merged(ii, io, hq, bb);
             row_lse(ii, io, hq, bb) = log_sum_exp(row_st[0], row_st[1]);
             Expr attention = mux(c, columns) / st[1] * keep_scale;
-            out(c, i, hq, bb) = Tuple(narrow(attention, element_type, storage_type()), row_lse(in_tile, slot, hq, bb));
+            out(c, i, hq, bb) = Tuple(narrow(attention, element_type, storage_type()), row_lse(in_tile, slot, task, bb));
         }
 
         // Strides: k and v must be dense in their head dim (the hot loops read them);
@@ -356,6 +389,78 @@ private:
         // the rest of the kernel is generated once. Specializing `out` generated
         // all of it twice, for the same instructions per call (callgrind) at 2.5x
         // the generator's time.
+        block_out.in().specialize(drop_threshold == u32(0));
+    }
+
+    // CPU, decoding: one task per (chunk of keys, kv head, batch), with every
+    // row of the kv head's group; inside it the blocks of the chunk run in order,
+    // each for every row. With few rows the SIMD lanes hold the head dim: the
+    // scores as dot products (lanes summed at the end) of a few keys at once,
+    // P·V over the columns of v. Then one task per (kv head, batch) merges the
+    // chunks, and out is copied from the merged states.
+    void schedule_cpu_decode() {
+        const int VW = vector_width > 0 ? int(vector_width) : natural_vector_size<float>();
+        const int D = head_dim;
+        _halide_user_assert(D % VW == 0) << "decode: head_dim " << D << " is not a multiple of the vector width " << VW;
+        Var task("task"), lane("lane");
+
+        partial.compute_root()
+            .bound(e, 0, D + 2)
+            .reorder(e, ii, split, io, hq, bb)
+            .unroll(e)
+            .fuse(split, io, task)
+            .fuse(task, hq, task)
+            .fuse(task, bb, task)
+            .parallel(task);
+        q_scaled.compute_at(partial, task).reorder_storage(c, ii).reorder(c, ii).vectorize(c, VW);
+        state.compute_at(partial, task);
+        state.update().reorder(ii, blocks);
+
+        // Scores: per row, `keys` keys at a time, VW partial dot products over the
+        // head dim each, then their sums.
+        const int keys = decode_score_keys;
+        Var jj_outer("jj_outer"), jj_inner("jj_inner");
+        RVar rc_outer("rc_outer"), rc_lane("rc_lane");
+        score.compute_at(state, blocks);
+        Func score_lanes = score.update().split(rc, rc_outer, rc_lane, VW).rfactor(rc_lane, lane);
+        score.update()
+            .split(jj, jj_outer, jj_inner, keys)
+            .reorder(rc_lane, jj_inner, ii, jj_outer)
+            .atomic()
+            .vectorize(rc_lane)
+            .unroll(jj_inner);
+        score_lanes.compute_at(score, ii).reorder_storage(lane, jj, ii).vectorize(lane).unroll(jj);
+        score_lanes.update().reorder(lane, jj, rc_outer).vectorize(lane).unroll(jj);
+
+        for (Func f : {masked_score, weight}) f.compute_at(state, blocks).vectorize(jj, VW);
+        for (Func f : {block_max, block_sum}) f.compute_at(state, blocks);
+
+        // P·V per row in register tiles of `vectors` SIMD vectors of columns.
+        const int width = VW * std::min<int>(decode_pv_vectors, D / VW);
+        Var c_outer("c_outer"), c_inner("c_inner");
+        block_out.in()
+            .compute_at(state, blocks)
+            .reorder_storage(c, ii)
+            .split(c, c_outer, c_inner, width)
+            .reorder(c_inner, c_outer, ii)
+            .vectorize(c_inner, VW)
+            .unroll(c_inner);
+        block_out.compute_at(block_out.in(), c_outer).reorder_storage(c, ii).vectorize(c, VW).unroll(c);
+        block_out.update().reorder(c, rj).vectorize(c, VW).unroll(c);
+
+        if (Type(element_type) != Float(32)) {
+            k_block.compute_at(state, blocks).reorder_storage(c, jj).reorder(c, jj).vectorize(c, VW);
+            v_block.compute_at(state, blocks).vectorize(c, VW);
+        }
+        for (Func f : {score, masked_score, block_max, weight, block_sum, block_out}) f.bound_extent(kb, 1);
+
+        // The chunks merged per (kv head, batch); out copied from them.
+        Var merge_task("merge_task");
+        merged.compute_root().fuse(hq, bb, merge_task).parallel(merge_task);
+        merged.update().reorder(ii, splits);
+        row_lse.compute_root();
+        out.reorder(c, i, hq, bb).fuse(hq, bb, task).parallel(task).unroll(c);
+
         block_out.in().specialize(drop_threshold == u32(0));
     }
 

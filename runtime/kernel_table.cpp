@@ -37,8 +37,8 @@ const char *first_argument<Operation::Backward>() {
     return kBackwardKernelArgNames[0];
 }
 
-// ATTEND_KERNEL(name, operation, device, head dim, dtype, single function, metadata,
-// ATTEND_ISA(isa, function)...) from the table. Each CPU target is its own
+// ATTEND_KERNEL(name, operation, device, head dim, dtype, rows, single function,
+// metadata, ATTEND_ISA(isa, function)...) from the table. Each CPU target is its own
 // library (its schedule parameters may differ: tuning/cpu.json), so the
 // runtime, not Halide, picks the target. A function whose type is not its
 // operation's KernelSignature does not compile here.
@@ -46,13 +46,14 @@ template <Operation op>
 struct EntryBuilder {
     using Function = typename KernelSignature<op>::type;
     KernelEntry entry;
-    EntryBuilder(const char *name, Device device, int head_dim, DType dtype, Function single_function,
+    EntryBuilder(const char *name, Device device, int head_dim, DType dtype, int max_rows, Function single_function,
                  const halide_filter_metadata_t *metadata) {
         entry.name = name;
         entry.operation = op;
         entry.device = device;
         entry.head_dim = head_dim;
         entry.dtype = dtype;
+        entry.max_rows = max_rows;
         entry.element = element_type_of(metadata, first_argument<op>(), dtype);
         entry.single_function = reinterpret_cast<ErasedKernel>(single_function);
     }
@@ -62,9 +63,10 @@ struct EntryBuilder {
     }
 };
 #define ATTEND_ISA(isa_name, function) .isa(CpuIsa::isa_name, function)
-#define ATTEND_KERNEL(name, operation, device, head_dim, dtype, single_function, metadata, ...)                     \
-    (EntryBuilder<Operation::operation>(#name, Device::device, head_dim, DType::dtype, single_function, metadata()) \
-         __VA_ARGS__).entry,
+#define ATTEND_KERNEL(name, operation, device, head_dim, dtype, max_rows, single_function, metadata, ...)     \
+    (EntryBuilder<Operation::operation>(#name, Device::device, head_dim, DType::dtype, max_rows, single_function, \
+                                        metadata()) __VA_ARGS__)                                                 \
+        .entry,
 const KernelEntry kBuilt[] = {ATTEND_KERNEL_TABLE};
 #undef ATTEND_KERNEL
 #undef ATTEND_ISA
@@ -102,10 +104,11 @@ bool fits_padded(const KernelEntry &e, int64_t head_dim, int64_t value_dim) {
     return e.device != Device::CPU && e.head_dim >= std::max(head_dim, value_dim);
 }
 
-// The build's kernel for a request: a specialised one first (in build order),
-// else the generic one, else the smallest GPU kernel it fits padded.
+// The build's kernel for a request: for a call of few rows per kv head the
+// decode kernel of its head dim, else a specialised one (in build order), else
+// the generic one, else the smallest GPU kernel it fits padded.
 const KernelEntry *choose(const KernelRequest &r, Device device, std::string &why_not) {
-    const KernelEntry *generic = nullptr, *padded = nullptr;
+    const KernelEntry *decode = nullptr, *specialised = nullptr, *generic = nullptr, *padded = nullptr;
     bool any_of_device = false, any_of_operation = false;
     for (const KernelEntry &e : kBuilt) {
         if (e.device != device) continue;
@@ -113,10 +116,17 @@ const KernelEntry *choose(const KernelRequest &r, Device device, std::string &wh
         if (e.operation != r.operation) continue;
         any_of_operation = true;
         if (e.dtype != r.dtype) continue;
-        if (e.head_dim != 0 && fits(e, r.head_dim, r.value_dim)) return &e;
+        if (e.max_rows > 0) {
+            const bool few_rows = r.rows_per_kv_head > 0 && r.rows_per_kv_head <= e.max_rows;
+            if (few_rows && fits(e, r.head_dim, r.value_dim) && !decode) decode = &e;
+            continue;
+        }
+        if (e.head_dim != 0 && fits(e, r.head_dim, r.value_dim) && !specialised) specialised = &e;
         if (e.head_dim == 0 && !generic) generic = &e;
         if (fits_padded(e, r.head_dim, r.value_dim) && (!padded || e.head_dim < padded->head_dim)) padded = &e;
     }
+    if (decode) return decode;
+    if (specialised) return specialised;
     if (generic) return generic;
     if (padded) return padded;
     // (The forward is the default operation: only the others are named.)
@@ -223,7 +233,7 @@ std::optional<Selection> select(const KernelRequest &r, std::string *why_not, bo
 
 namespace {
 KernelInfo info_of(const KernelEntry &e) {
-    KernelInfo info{e.name, e.device, e.head_dim, e.dtype, e.operation, {}};
+    KernelInfo info{e.name, e.device, e.head_dim, e.dtype, e.operation, {}, e.max_rows};
     for (CpuIsa isa : {CpuIsa::AVX512, CpuIsa::AVX2, CpuIsa::Baseline}) {
         if (e.by_isa[int(isa)]) info.cpu_isas.push_back(isa);
     }

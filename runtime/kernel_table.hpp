@@ -23,6 +23,7 @@ struct KernelEntry {
     Device device = Device::CPU;
     int head_dim = 0;  // 0: generic
     DType dtype = DType::Float32;
+    int max_rows = 0;  // > 0: a decode kernel (KernelInfo::max_rows)
     halide_type_t element{};  // how the kernel takes q, k, v and out (OpenCL: 16-bit floats as uint16)
     ErasedKernel single_function = nullptr;  // a GPU kernel or an added one: its one function
     ErasedKernel by_isa[4] = {};  // a built CPU kernel: one function per target, indexed by CpuIsa

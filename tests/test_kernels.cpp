@@ -51,12 +51,23 @@ const int64_t kSizes[] = {1, 2, 7, 63, 65, 257, 1000};
 TEST_CASE("the build has a CPU forward and backward kernel for each configured head dim and dtype, and generic ones") {
     for (Operation operation : {Operation::Forward, Operation::Backward}) {
         INFO(std::string(to_string(operation)));
-        std::map<std::pair<int, DType>, int> count;
+        std::map<std::pair<int, DType>, int> count, decode_count;
         size_t cpu_kernels = 0;
         for (const auto &k : available_kernels()) {
             if (k.device != Device::CPU || k.operation != operation) continue;
+            if (k.max_rows > 0) {
+                CHECK(operation == Operation::Forward);
+                decode_count[{k.head_dim, k.dtype}]++;
+                continue;
+            }
             count[{k.head_dim, k.dtype}]++;
             cpu_kernels++;
+        }
+        // The decode kernels: one per head dim and dtype, forward only.
+        for (DType dtype : built_dtypes()) {
+            for (int64_t d : built_head_dims()) {
+                CHECK(decode_count[{int(d), dtype}] == (operation == Operation::Forward ? 1 : 0));
+            }
         }
         REQUIRE(!built_head_dims().empty());
         REQUIRE(!built_dtypes().empty());
@@ -325,5 +336,89 @@ TEST_CASE("empty batch, heads, rows or value dim are a no-op") {
         spec.m = 9;
         auto p = make_problem(spec);
         CHECK_NOTHROW(p.run());
+    }
+}
+
+// The kernel a forward call of this shape gets (float32, CPU).
+std::string chosen_for(const ProblemSpec &spec) {
+    KernelRequest request;
+    request.head_dim = request.value_dim = spec.d;
+    request.rows_per_kv_head = spec.n * (spec.kv_heads == 0 ? spec.h : spec.h / spec.kv_heads);
+    auto choice = select_kernel(request);
+    REQUIRE(choice);
+    return choice->kernel.name;
+}
+
+TEST_CASE("decoding: calls of at most the decode kernel's rows per kv head get it, and it equals the oracle") {
+    const int64_t d = built_among({64})[0];
+    const std::string decode = "attend_cpu_decode_d" + std::to_string(d), plain = "attend_cpu_d" + std::to_string(d);
+    int max_rows = 0;
+    for (const auto &k : available_kernels()) {
+        if (k.name == decode) max_rows = k.max_rows;
+    }
+    INFO("ATTEND_DECODE_ROWS is " << max_rows << "; these cases need at least 8");
+    REQUIRE(max_rows >= 8);
+    // The selection: n times the heads of a group, against the kernel's rows.
+    CHECK(chosen_for(spec_of(1, 8, 1, 100, d)) == decode);
+    CHECK(chosen_for(spec_of(2, 8, max_rows, 100, d)) == decode);
+    CHECK(chosen_for(spec_of(2, 8, max_rows + 1, 100, d)) == plain);
+    ProblemSpec grouped = spec_of(1, 8, 1, 100, d);
+    grouped.kv_heads = 1;  // one kv head for 8 heads: 8 rows per kv head and query
+    CHECK(chosen_for(grouped) == decode);
+    grouped.n = max_rows / 8 + 1;  // more rows than the decode kernel's
+    CHECK(chosen_for(grouped) == plain);
+    {
+        KernelRequest unknown;  // rows not given (select_kernel's short form): never the decode kernel
+        unknown.head_dim = unknown.value_dim = d;
+        CHECK(select_kernel(unknown)->kernel.name == plain);
+    }
+
+    // Decode shapes, the kernel chosen by the call itself: chunks of keys run in
+    // parallel (m / 512 of them at most) and merged.
+    struct Case {
+        const char *name;
+        ProblemSpec spec;
+        Options options;
+    };
+    std::vector<Case> cases;
+    cases.push_back({"one query, 2 heads: 4 chunks of keys", spec_of(1, 2, 1, 3000, d), {}});
+    {
+        Case c{"grouped-query (8 heads, 2 kv heads), 2 queries, mask, bottom-right causal, dropout",
+               spec_of(2, 8, 2, 1500, d), {}};
+        c.spec.kv_heads = 2;
+        c.spec.mask = true;
+        c.options.causal = true;
+        c.options.causal_align = CausalAlign::BottomRight;
+        c.options.training = true;
+        c.options.dropout = 0.2f;
+        c.options.seed = 9;
+        cases.push_back(c);
+    }
+    {
+        Case c{"multi-query (4 heads), 2 queries, top-left causal", spec_of(1, 4, 2, 2100, d), {}};
+        c.spec.kv_heads = 0;
+        c.options.causal = true;
+        cases.push_back(c);
+    }
+    {
+        Case c{"every key of both batches masked: the mean of v", spec_of(2, 2, 2, 1100, d), {}};
+        c.spec.mask = true;
+        c.spec.mask_keep = 0.0;
+        cases.push_back(c);
+    }
+    {
+        Case c{"a shard at global positions, causal, dropout", spec_of(1, 2, 4, 1300, d), {}};
+        c.options.causal = true;
+        c.options.query_offset = 2000;
+        c.options.key_offset = 800;
+        c.options.training = true;
+        c.options.dropout = 0.5f;
+        cases.push_back(c);
+    }
+    for (Case &c : cases) {
+        INFO(std::string(c.name));
+        CHECK(chosen_for(c.spec) == decode);
+        auto p = make_problem(c.spec, c.options);
+        check_against_reference(p, p.expected());
     }
 }

@@ -117,9 +117,11 @@ NB_MODULE(_attend, m) {
                 d["device"] = attend::to_string(k.device);
                 d["dtype"] = attend::to_string(k.dtype);
                 d["head_dim"] = k.head_dim;
+                d["max_rows"] = k.max_rows;
                 all.push_back(d);
             }
             return all;
         },
-        "The kernels of this build: name, operation, device, dtype, head_dim (0: any).");
+        "The kernels of this build: name, operation, device, dtype, head_dim (0: any), max_rows (> 0: a decode "
+        "kernel, picked for calls of at most that many query rows per kv head).");
 }

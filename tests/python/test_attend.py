@@ -5,6 +5,9 @@ tests' tolerances (docs/contract.md section 15); dropout; strides; errors;
 torch.library.opcheck; torch.compile; CUDA tensors when a GPU is present."""
 import json
 import math
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,6 +165,8 @@ CASES = [  # (name, b, h, hk, n, m, d, mask_keep, causal)
     ("multi-query (3-D k/v), causal", 1, 3, 0, 37, 37, 64, None, True),
     ("causal and a mask", 2, 2, 2, 48, 48, 80, 0.8, True),
     ("generic head dim", 1, 2, 2, 20, 30, 24, None, False),
+    # 4 rows per kv head: the forward runs on the CPU decode kernel, its keys in chunks
+    ("decoding: one query over 1500 keys, grouped-query", 2, 8, 2, 1, 1500, 64, 0.9, False),
 ]
 
 
@@ -256,8 +261,12 @@ def test_non_contiguous_expanded_and_numpy_inputs():
     assert not q_strided.is_contiguous()
     assert torch.equal(attend.forward(q_strided, k, v, mask), expected)
     k1, v1 = k[:, :1], v[:, :1]
-    assert torch.equal(attend.forward(q, k1.expand(-1, 4, -1, -1), v1.expand(-1, 4, -1, -1), mask),
-                       attend.forward(q, k1, v1, mask))
+    # Both on one kernel (the call's rows per kv head would pick the decode kernel
+    # for the expanded one), so the results are bitwise equal.
+    kernel = next(x["name"] for x in attend.kernels() if x["operation"] == "forward" and x["device"] == "cpu"
+                  and x["dtype"] == "float32" and x["head_dim"] in (0, 32) and x["max_rows"] == 0)
+    assert torch.equal(attend.forward(q, k1.expand(-1, 4, -1, -1), v1.expand(-1, 4, -1, -1), mask, kernel=kernel),
+                       attend.forward(q, k1, v1, mask, kernel=kernel))
     out = attend.forward(q.numpy(), k.numpy(), v.numpy(), mask.numpy())
     assert isinstance(out, np.ndarray) and np.array_equal(out, expected.numpy())
     out, lse = attend.forward(q.numpy(), k.numpy(), v.numpy(), return_lse=True)
@@ -340,3 +349,25 @@ def test_cuda_tensors_on_a_non_default_stream():
     check_out(out.detach().cpu(), exact_out, q, k, v)
     check_gradients(tuple(t.grad.cpu() for t in leaves), exact_grads, terms, q, k, v,
                     largest_lse(q, k, mask, case[8]))
+
+
+# ---- packaging -------------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="no readelf")
+def test_the_extension_and_libattend_need_no_torch_halide_or_cuda_library():
+    """The package runs wherever numpy does: no link against libtorch, libHalide or
+    libcuda (the CUDA driver is opened at run time, when a CUDA kernel runs)."""
+    package = Path(attend.__file__).parent
+    extension = Path(attend._attend.__file__)
+    libraries = [extension] + sorted(package.glob("libattend.so*"))
+    if len(libraries) == 1:  # a build tree (build/python): libattend is where the runpath says
+        needed = subprocess.run(["ldd", str(extension)], capture_output=True, text=True).stdout
+        libraries += [Path(line.split("=>")[1].split()[0]) for line in needed.splitlines()
+                      if "libattend" in line and "=>" in line]
+    assert len(libraries) == 2, libraries
+    for library in libraries:
+        dynamic = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True, check=True).stdout
+        needed = [line.split("[")[1].rstrip("]") for line in dynamic.splitlines() if "(NEEDED)" in line]
+        assert needed, dynamic
+        for name in needed:
+            assert not any(word in name.lower() for word in ("torch", "halide", "cuda")), (library, name)
