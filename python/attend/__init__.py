@@ -35,18 +35,31 @@ def _is_torch(t):
 
 
 def _capsule(t, name):
-    """t's DLPack capsule. A CUDA tensor's is taken without stream synchronisation
-    (stream=-1): the kernel itself is ordered on the stream passed to it."""
+    """t's DLPack capsule. A CUDA tensor's is taken without stream synchronisation:
+    the kernel itself is ordered on the stream passed to it. A torch tensor's comes
+    from torch.utils.dlpack.to_dlpack, which exports without any stream handling
+    (0.3 us against 3 us for __dlpack__, per tensor of every call)."""
     if t is None:
         return None
+    if _is_torch(t):
+        return _torch_to_dlpack()(t.detach() if t.requires_grad else t)
     if not hasattr(t, "__dlpack__"):
         raise TypeError(f"attend: {name}: expected a tensor with __dlpack__ (a numpy array or a torch tensor), "
                         f"got {type(t).__name__}")
-    if _is_torch(t) and t.requires_grad:
-        t = t.detach()
     if t.__dlpack_device__()[0] == _KDL_CUDA:
         return t.__dlpack__(stream=-1)
     return t.__dlpack__()
+
+
+_to_dlpack = None
+
+
+def _torch_to_dlpack():
+    global _to_dlpack
+    if _to_dlpack is None:
+        from torch.utils.dlpack import to_dlpack
+        _to_dlpack = to_dlpack
+    return _to_dlpack
 
 
 def _empty(like, shape, dtype=None):

@@ -219,6 +219,17 @@ def test_eval_mode_and_p0_are_no_dropout():
     plain = Attend()(q, k, v, mask)
     assert torch.equal(Attend(dropout=0.3).eval()(q, k, v, mask), plain)
     assert torch.equal(Attend(dropout=0.0).train()(q, k, v, mask), plain)
+    # Without autograd the module calls the kernel directly; with it, through the
+    # custom op: the same result, dropout included (the same seed drawn).
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    assert torch.equal(Attend()(*leaves, mask).detach(), plain)
+    for grad in (True, False):
+        torch.manual_seed(4)
+        with torch.set_grad_enabled(grad):
+            dropped = Attend(dropout=0.3).train()(*leaves, mask).detach()
+        if grad:
+            through_op = dropped
+    assert torch.equal(dropped, through_op) and not torch.equal(dropped, plain)
 
 
 def test_dropout_drops_about_p_scales_survivors_and_follows_manual_seed():
