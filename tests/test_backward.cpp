@@ -117,6 +117,35 @@ TEST_CASE("backward: dropout p = 0, 0.1, 0.5 and 1 (training) equal the oracle")
     }
 }
 
+TEST_CASE("backward: calls whose dk/dv sums pass 32 MiB run in slices at the call's positions") {
+    // runtime/backward.cpp keeps the dK/dV pipeline's float32 sums (8·b·hk·m·d
+    // bytes) under 32 MiB by slicing: here 40 MiB, as slices of whole batches
+    // (3 batches of 2 kv heads: 2 + 1) and of kv heads in a batch (5: 4 + 1).
+    // Dropout hashes the global batch and head, so a slice seen from index 0
+    // would drop other weights.
+    const int64_t d = built_head_dims().at(0), budget = int64_t(32) << 20;
+    struct Case {
+        int64_t b, h, kv_heads;
+    };
+    for (Case c : {Case{3, 4, 2}, Case{1, 5, 5}}) {
+        const int64_t m = budget * 5 / 4 / (8 * d * c.b * c.kv_heads) + 1;
+        INFO("b=" << c.b << " h=" << c.h << " kv_heads=" << c.kv_heads << " m=" << m);
+        ProblemSpec s = spec_of(c.b, c.h, 6, m, d);
+        s.kv_heads = c.kv_heads;
+        s.mask = true;
+        s.mask_keep = 0.9;
+        Options o;
+        o.causal = true;
+        o.causal_align = CausalAlign::BottomRight;
+        o.training = true;
+        o.dropout = 0.3f;
+        o.seed = 21;
+        Backward b(s, o);
+        b.run(o);
+        check_float32(b);
+    }
+}
+
 TEST_CASE("backward: float16 and bfloat16 kernels equal the oracle on inputs the dtype holds") {
     for (DType dtype : built_16bit_dtypes()) {
         for (const BackwardCase &c : backward_cases(built_head_dims().at(0))) {

@@ -1,8 +1,9 @@
 """python -m attend demo: attention on a built-in example, its accuracy against a
 float64 reference and its speed; with torch installed, next to PyTorch's
-scaled_dot_product_attention and through attend.torch.Attend. (The parity with
-the original module itself is the tests' job: tests/python.) python -m attend
-kernels: the kernels of this build.
+scaled_dot_product_attention and through attend.torch.Attend; with the original
+module installed too (naturalspeech2-pytorch: naturalspeech2_pytorch.attend),
+against it, in float64 and for speed. python -m attend kernels: the kernels of
+this build.
 """
 import argparse
 import sys
@@ -65,7 +66,26 @@ def demo():
     layer = Attend()
     ms = median_ms(lambda: layer(tq, tk, tv, tmask))
     print(f"  attend.torch.Attend (full): {ms:7.2f} ms")
-    return 0
+    return original_module(layer, tq, tk, tv, tmask)
+
+
+def original_module(layer, q, k, v, mask):
+    """attend.torch.Attend next to the module it replaces, when that is installed."""
+    try:
+        from naturalspeech2_pytorch.attend import Attend as Original
+    except ImportError:
+        print("(the original module, naturalspeech2_pytorch.attend.Attend, is not installed: "
+              "pip install naturalspeech2-pytorch for the comparison with it)")
+        return 0
+    import torch
+    original = Original(dropout=0.0, causal=False, use_flash=False).eval()
+    with torch.no_grad():
+        exact = original(q.double(), k.double(), v.double(), mask=mask)
+        error = (layer(q, k, v, mask).double() - exact).abs().max().item()
+        ms = median_ms(lambda: original(q, k, v, mask=mask), repeats=3)
+    print(f"  the original module (naturalspeech2_pytorch.attend.Attend, math path, full): {ms:7.2f} ms; "
+          f"attend.torch.Attend against it in float64: max |error| {error:.2e}")
+    return 0 if error < 2e-5 else 1  # the C++ demo's float32 bound at this size (tests/support.hpp)
 
 
 def main(argv=None):

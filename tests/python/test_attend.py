@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -382,3 +383,20 @@ def test_the_extension_and_libattend_need_no_torch_halide_or_cuda_library():
         assert needed, dynamic
         for name in needed:
             assert not any(word in name.lower() for word in ("torch", "halide", "cuda")), (library, name)
+
+
+def test_demo_compares_with_the_original_module_when_it_is_installed(seed_attend, monkeypatch, capsys):
+    """python -m attend demo finds the original module as naturalspeech2_pytorch.attend
+    (here the seed file's class, installed under that name)."""
+    import types
+
+    import attend.__main__ as demo_main
+    package, module = types.ModuleType("naturalspeech2_pytorch"), types.ModuleType("naturalspeech2_pytorch.attend")
+    module.Attend = seed_attend
+    package.attend = module
+    monkeypatch.setitem(sys.modules, "naturalspeech2_pytorch", package)
+    monkeypatch.setitem(sys.modules, "naturalspeech2_pytorch.attend", module)
+    assert demo_main.main(["demo"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "the original module" in x)
+    error = float(line.rsplit("max |error|", 1)[1])
+    assert error < 2e-5, line
