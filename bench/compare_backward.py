@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "bench"))
-from compare_torch import attend_bench, fma_peak, median_ms, torch_inputs  # noqa: E402
+from compare_torch import attend_bench, ceiling_of, fma_peak, median_ms, torch_inputs  # noqa: E402
 
 
 def parse_args():
@@ -190,12 +190,7 @@ def main():
         print(f"{label(s):<28}{attend:>9.1f}{sdpa:>9.1f}{(f'{seed:.1f}' if seed else '-'):>11}{attend / sdpa:>12.2f}x"
               f"{(f'{attend / peak:.0%}' if peak else '-'):>9}", flush=True)
     training = training_steps(args, torch, attend_class) if args.training_n else []
-    peak = max(peaks) if peaks else None
-    for row in rows:
-        row["fraction_of_peak"] = row["attend_gflops"] / peak if peak else None
-    if peak:
-        print(f"\nFMA peak: {peak:.1f} GFLOP/s, the largest of {len(peaks)} measurements in this run "
-              f"(smallest {min(peaks):.1f})")
+    peak = ceiling_of(rows, peaks, "attend_gflops", "fraction_of_peak", "FMA peak in GFLOP/s")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(dict(threads=args.threads, fma_peak_gflops=peak, fma_peak_measurements=peaks,
                                                torch=torch.__version__, rounds=args.rounds, repeats=args.repeats,

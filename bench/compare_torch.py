@@ -93,13 +93,8 @@ def kv_bytes(s):
 
 
 def mem_bw(build, threads):
-    """Streaming read bandwidth in GB/s (bench/mem_bw.c), or None where it is not built."""
-    exe = Path(build) / "bench" / "mem_bw"
-    if not exe.exists():
-        return None
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    fields = subprocess.run([str(exe)], capture_output=True, text=True, env=env, check=True).stdout.split()
-    return float(fields[3])  # "<threads> threads read <GB/s> GB/s over <MiB> MiB"
+    """Streaming read bandwidth in GB/s: "<threads> threads read <GB/s> GB/s over <MiB> MiB"."""
+    return measured_ceiling(build, threads, "mem_bw", 3)
 
 
 def decode_sdpa_ms(torch, s, repeats):
@@ -135,12 +130,8 @@ def decode_rows(args, torch):
         name = f"b={s['b']} h={s['h']}{'' if s['hk'] == s['h'] else ' hk=' + str(s['hk'])} n={s['n']} m={s['m']} d={s['d']}"
         print(f"{name:<36}{attend:>10.2f}{sdpa:>9.2f}{sdpa / attend:>12.2f}x{gbs:>13.1f}"
               f"{(f'{gbs / bw:.0%}' if bw else '-'):>10}{rows[-1]['sdpa_gbs']:>11.1f}  {kernel}", flush=True)
-    bw = max(bandwidths) if bandwidths else None
-    for row in rows:
-        row["fraction_of_mem_bw"] = row["attend_gbs"] / bw if bw else None
-    if bw:
-        print(f"\nmem_bw: {bw:.1f} GB/s, the largest of {len(bandwidths)} measurements in this run "
-              f"(smallest {min(bandwidths):.1f}); k and v of each row are 2*4*b*hk*m*d bytes")
+    bw = ceiling_of(rows, bandwidths, "attend_gbs", "fraction_of_mem_bw",
+                    "mem_bw in GB/s (k and v of each row are 2*4*b*hk*m*d bytes)")
     return rows, bw, bandwidths
 
 
@@ -154,13 +145,32 @@ def label(s):
     return f"n={s['n']} d={s['d']}{extra}{dtype}"
 
 
-def fma_peak(build, threads):
-    exe = Path(build) / "bench" / "fma_peak"
+def measured_ceiling(build, threads, tool, word):
+    """The figure bench/<tool>.c prints as its word-th word (from 0), run with `threads`
+    OpenMP threads; None where the build has no such tool (no OpenMP)."""
+    exe = Path(build) / "bench" / tool
     if not exe.exists():
         return None
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     fields = subprocess.run([str(exe)], capture_output=True, text=True, env=env, check=True).stdout.split()
-    return float(fields[2])
+    return float(fields[word])
+
+
+def ceiling_of(rows, measurements, figure, fraction, what):
+    """The run's ceiling, the largest of its measurements (noise only lowers one):
+    sets row[fraction] = row[figure] / ceiling and prints how it was found."""
+    ceiling = max(measurements) if measurements else None
+    for row in rows:
+        row[fraction] = row[figure] / ceiling if ceiling else None
+    if ceiling:
+        print(f"\n{what}: {ceiling:.1f}, the largest of {len(measurements)} measurements in this run "
+              f"(smallest {min(measurements):.1f})")
+    return ceiling
+
+
+def fma_peak(build, threads):
+    """The fp32 FMA peak in GFLOP/s: "<threads> <isa> <GFLOP/s>"."""
+    return measured_ceiling(build, threads, "fma_peak", 2)
 
 
 def attend_bench(build, s, repeats, threads):
@@ -257,13 +267,9 @@ def main():
         seed = gf / seed_math_ms(torch, attend_class, s, min(args.repeats, 3)) if with_seed else None
         rows.append(dict(s, attend_gflops=attend, sdpa_gflops=sdpa, seed_math_gflops=seed, ratio_to_sdpa=attend / sdpa))
         print(table_row(rows[-1], max(peaks) if peaks else None), flush=True)
-    peak = max(peaks) if peaks else None
-    for row in rows:
-        row["fraction_of_peak"] = row["attend_gflops"] / peak if peak else None
+    peak = ceiling_of(rows, peaks, "attend_gflops", "fraction_of_peak", "FMA peak in GFLOP/s")
     if peak:
-        print(f"\nFMA peak: {peak:.1f} GFLOP/s, the largest of {len(peaks)} measurements in this run "
-              f"(smallest {min(peaks):.1f}); the table with every fraction against it:")
-        print(header + "\n" + "-" * len(header))
+        print("The table with every fraction against it:\n" + header + "\n" + "-" * len(header))
         for row in rows:
             print(table_row(row, peak))
     decode, bandwidth, bandwidths = ([], None, []) if args.no_decode else decode_rows(args, torch)

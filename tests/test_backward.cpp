@@ -188,6 +188,17 @@ struct BackwardCall {
         dv = b.dv.dl();
     }
     void run() { backward(q, k, v, with_mask ? &mask : nullptr, out, lse, dout, dq, dk, dv, options); }
+    // t's size (or stride) of dim `dim` set to `value`, in bent_shape.
+    void bend_shape(DLTensor &t, int dim, int64_t value) {
+        bent_shape.assign(t.shape, t.shape + t.ndim);
+        bent_shape[size_t(dim)] = value;
+        t.shape = bent_shape.data();
+    }
+    void bend_stride(DLTensor &t, int dim, int64_t value) {
+        bent_shape.assign(t.strides, t.strides + t.ndim);
+        bent_shape[size_t(dim)] = value;
+        t.strides = bent_shape.data();
+    }
     bool untouched() const {
         auto sentinel = [](float x) { return x == kUnwritten; };
         for (const Tensor<float> *t : {&b.dq, &b.dk, &b.dv}) {
@@ -208,19 +219,9 @@ TEST_CASE("backward: every bad input is an invalid_argument naming the argument,
     static float lone = 0;
     const std::vector<Bad> cases = {
         {"dout has out's shape but 3 dims", [](BackwardCall &c) { c.dout.ndim = 3; }, {"dout:", "4 dims"}},
-        {"dq's n differs from q's",
-         [](BackwardCall &c) {
-             c.bent_shape.assign(c.dq.shape, c.dq.shape + 4);
-             c.bent_shape[2] = 4;
-             c.dq.shape = c.bent_shape.data();
-         },
+        {"dq's n differs from q's", [](BackwardCall &c) { c.bend_shape(c.dq, 2, 4); },
          {"dq: expected q's shape [2, 4, 5, 8], got [2, 4, 4, 8]"}},
-        {"dk has q's heads instead of k's",
-         [](BackwardCall &c) {
-             c.bent_shape.assign(c.dk.shape, c.dk.shape + 4);
-             c.bent_shape[1] = 4;
-             c.dk.shape = c.bent_shape.data();
-         },
+        {"dk has q's heads instead of k's", [](BackwardCall &c) { c.bend_shape(c.dk, 1, 4); },
          {"dk: expected k's shape"}},
         {"dv of another dtype", [](BackwardCall &c) { c.dv.dtype = DLDataType{kDLFloat, 16, 1}; },
          {"dv: dtype float16 differs from q's float32"}},
@@ -229,12 +230,7 @@ TEST_CASE("backward: every bad input is an invalid_argument naming the argument,
         {"dk is dv's memory", [](BackwardCall &c) { c.dk.data = c.dv.data; }, {"dk: overlaps the memory of dv"}},
         {"dq aliases dout", [](BackwardCall &c) { c.dq.data = c.dout.data; }, {"dq: overlaps the memory of dout"}},
         {"dk aliases k", [](BackwardCall &c) { c.dk.data = c.k.data; }, {"dk: overlaps the memory of k"}},
-        {"dv broadcast over heads (stride 0)",
-         [](BackwardCall &c) {
-             c.bent_shape.assign(c.dv.strides, c.dv.strides + 4);
-             c.bent_shape[1] = 0;
-             c.dv.strides = c.bent_shape.data();
-         },
+        {"dv broadcast over heads (stride 0)", [](BackwardCall &c) { c.bend_stride(c.dv, 1, 0); },
          {"dv: strides make elements overlap"}},
         {"lse missing", [](BackwardCall &c) { c.lse.data = &lone, c.lse.ndim = 2; }, {"lse: expected 3 dims"}},
         {"dq on a device type attend does not run on", [](BackwardCall &c) { c.dq.device = DLDevice{kDLVulkan, 0}; },
@@ -245,12 +241,7 @@ TEST_CASE("backward: every bad input is an invalid_argument naming the argument,
              c.options.dropout = 1.5f;
          },
          {"options.dropout"}},
-        {"dout's last dim differs from out's",
-         [](BackwardCall &c) {
-             c.bent_shape.assign(c.dout.shape, c.dout.shape + 4);
-             c.bent_shape[3] = 7;
-             c.dout.shape = c.bent_shape.data();
-         },
+        {"dout's last dim differs from out's", [](BackwardCall &c) { c.bend_shape(c.dout, 3, 7); },
          {"dout: expected out's shape [2, 4, 5, 8], got [2, 4, 5, 7]"}},
         {"dk with 3 dims where k has 4",
          [](BackwardCall &c) {
@@ -266,12 +257,7 @@ TEST_CASE("backward: every bad input is an invalid_argument naming the argument,
         {"dv starts inside dq",
          [](BackwardCall &c) { c.dv.data = static_cast<float *>(c.dq.data) + 3; },
          {"dq: overlaps the memory of dk or dv"}},
-        {"dq with a negative stride",
-         [](BackwardCall &c) {
-             c.bent_shape.assign(c.dq.strides, c.dq.strides + 4);
-             c.bent_shape[2] = -8;
-             c.dq.strides = c.bent_shape.data();
-         },
+        {"dq with a negative stride", [](BackwardCall &c) { c.bend_stride(c.dq, 2, -8); },
          {"dq: stride of dim 2 is -8"}},
         {"a forward kernel forced",
          [](BackwardCall &c) { c.options.kernel = "attend_cpu_generic"; },
