@@ -205,26 +205,26 @@ CHECK_OPTIONS=(-DATTEND_ALL_GPU_VARIANTS=ON -DATTEND_CROSS_TARGETS=arm-64-linux)
 
 case "${1:-build}" in
     build)
-        build "$BUILD" "$MAIN" 7 "${PYTHON_OPTIONS[@]}"
+        build "$BUILD" "$MAIN" 16 "${PYTHON_OPTIONS[@]}"
         say "built: $BUILD/bin/attend, $BUILD/runtime/libattend.so" ;;
     demo)
-        build "$BUILD" "$MAIN" 6 --target attend_cli
+        build "$BUILD" "$MAIN" 15 --target attend_cli
         "$BUILD/bin/attend" demo ;;
     test)
-        build "$BUILD" "$MAIN, every GPU variant and the arm-64 cross-generated kernels" 10 "${CHECK_OPTIONS[@]}" \
+        build "$BUILD" "$MAIN, every GPU variant and the arm-64 cross-generated kernels" 19 "${CHECK_OPTIONS[@]}" \
             "${PYTHON_OPTIONS[@]}"
         run_tests ;;
     bench)
         shift
-        build "$BUILD" "$MAIN" 7
+        build "$BUILD" "$MAIN" 16
         "$BUILD/bench/attend_bench" --benchmark_repetitions=5 --benchmark_enable_random_interleaving=true \
             --benchmark_report_aggregates_only=true "$@" ;;
     tune)
         shift
-        build "$BUILD" "$MAIN" 7
+        build "$BUILD" "$MAIN" 16
         "$VENV/bin/python" "$ROOT/tools/tune.py" --build "$BUILD" "$@" ;;
     fuzz)
-        build "$BUILD" "$MAIN" 7
+        build "$BUILD" "$MAIN" 16
         run_fuzz "${2:-600}" ;;
     *) echo "usage: $0 [build|demo|test|bench|tune [ARGS]|fuzz [SECONDS]]" >&2; exit 2 ;;
 esac
