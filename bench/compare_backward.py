@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "bench"))
-from compare_torch import attend_bench, ceiling_of, fma_peak, median_ms, torch_inputs  # noqa: E402
+from compare_torch import attend_bench, ceiling_of, fma_peak, median_ms, seed_attend_class, torch_inputs  # noqa: E402
 
 
 def parse_args():
@@ -160,13 +160,7 @@ def main():
     args = parse_args()
     import torch
     torch.set_num_threads(args.threads)
-    from seed_module import SeedFileError, load_attend
-    attend_class = None
-    if args.seed_math_max_n > 0:
-        try:
-            attend_class = load_attend(args.seed_file)
-        except SeedFileError as error:
-            sys.exit(f"compare_backward: {error} (--seed-math-max-n 0 runs without the seed's math path)")
+    attend_class = seed_attend_class(args, "compare_backward")
     peaks = [p for p in (fma_peak(args.build, args.threads) for _ in range(3)) if p]
     print(f"threads {args.threads}; torch {torch.__version__} (cpu capability {torch.backends.cpu.get_cpu_capability()})")
     header = f"{'backward, fp32':<28}{'Attend':>9}{'SDPA':>9}{'seed math':>11}{'Attend/SDPA':>13}{'of peak':>9}"

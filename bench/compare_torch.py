@@ -168,6 +168,19 @@ def ceiling_of(rows, measurements, figure, fraction, what):
     return ceiling
 
 
+def seed_attend_class(args, program, wanted=True):
+    """The original module's class from the seed file (--seed-file or $ATTEND_SEED_FILE)
+    when the run wants its column (--seed-math-max-n > 0), else None; exits with the
+    reason when the file cannot be loaded."""
+    if args.seed_math_max_n <= 0 or not wanted:
+        return None
+    from seed_module import SeedFileError, load_attend
+    try:
+        return load_attend(args.seed_file)
+    except SeedFileError as error:
+        sys.exit(f"{program}: {error} (--seed-math-max-n 0 runs without the seed's math path)")
+
+
 def fma_peak(build, threads):
     """The fp32 FMA peak in GFLOP/s: "<threads> <isa> <GFLOP/s>"."""
     return measured_ceiling(build, threads, "fma_peak", 2)
@@ -237,13 +250,7 @@ def main():
     args = parse_args()
     import torch
     torch.set_num_threads(args.threads)
-    from seed_module import SeedFileError, load_attend
-    attend_class = None
-    if args.seed_math_max_n > 0 and "float32" in args.dtypes.split(","):
-        try:
-            attend_class = load_attend(args.seed_file)
-        except SeedFileError as error:
-            sys.exit(f"compare_torch: {error} (--seed-math-max-n 0 runs without the seed's math path)")
+    attend_class = seed_attend_class(args, "compare_torch", "float32" in args.dtypes.split(","))
     # The FMA peak is measured before every shape too: noise only lowers a
     # measurement, so the largest of the run is the peak the fractions use.
     peaks = [p for p in (fma_peak(args.build, args.threads) for _ in range(3)) if p]

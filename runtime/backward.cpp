@@ -43,14 +43,14 @@ std::vector<Slice> slices_for(const Problem &p, int64_t width_q, int64_t width_v
 // Restricts buf to [min, min + extent) of its dim `dim` (PyTorch's order) at
 // the same global coordinates: the kernel sees the slice's batch and head
 // indices (the dropout hash, the head of a kv head), not indices from 0. Its
-// host pointer is the element at the mins; `base` is the one at coordinate 0.
-void restrict_dim(KernelBuffer &buf, const uint8_t *base, int dim, int64_t min, int64_t extent) {
+// host pointer is the element at the mins (the view's data is the one at 0).
+void restrict_dim(KernelBuffer &buf, int dim, int64_t min, int64_t extent) {
     halide_dimension_t &d = buf.dims[buf.buffer.dimensions - 1 - dim];
     d.min = int32_t(min);
     d.extent = int32_t(extent);
     int64_t offset = 0;
     for (int i = 0; i < buf.buffer.dimensions; i++) offset += int64_t(buf.dims[i].min) * buf.dims[i].stride;
-    buf.buffer.host = const_cast<uint8_t *>(base) + offset * int64_t(buf.buffer.type.bytes());
+    buf.buffer.host = static_cast<uint8_t *>(buf.view.data) + offset * int64_t(buf.buffer.type.bytes());
 }
 
 }  // namespace
@@ -114,34 +114,20 @@ void run_backward(const Problem &p, const Options &options) {
     a.dv = &dv_buf.buffer;
     const BackwardKernel function = p.selection.function_for<Operation::Backward>();
     const auto slices = slices_for(p, width_q, width_v, gpu);
-    if (slices.size() == 1) {
+    KernelBuffer *per_head[] = {&q_buf, &out_buf, &dout_buf, &dq_buf, &lse_buf};
+    KernelBuffer *per_kv_head[] = {&k_buf, &v_buf, &dk_buf, &dv_buf};
+    for (const Slice &s : slices) {
+        if (slices.size() > 1) {  // host tensors only (a CPU kernel): views of the same memory
+            for (KernelBuffer *buf : per_head) restrict_dim(*buf, 1, s.g0 * p.group(), s.kv_heads * p.group());
+            for (KernelBuffer *buf : per_kv_head) restrict_dim(*buf, 1, s.g0, s.kv_heads);
+            for (KernelBuffer *buf : {&q_buf, &k_buf, &v_buf, &mask_buf, &out_buf, &lse_buf, &dout_buf, &dq_buf,
+                                      &dk_buf, &dv_buf}) {
+                restrict_dim(*buf, 0, s.b0, s.batches);
+            }
+        }
         run_kernel(kernel.name, kernel.device, p.device_id, options.cuda_stream,
                    {&q_buf, &k_buf, &v_buf, &mask_buf, &out_buf, &lse_buf, &dout_buf, &dq_buf, &dk_buf, &dv_buf},
                    [&](void *user_context) { return call_kernel(function, user_context, a); });
-    } else {
-        // Host tensors only (a CPU kernel): each slice is views of the same memory.
-        KernelBuffer *per_head[] = {&q_buf, &out_buf, &dout_buf, &dq_buf, &lse_buf};
-        KernelBuffer *per_kv_head[] = {&k_buf, &v_buf, &dk_buf, &dv_buf};
-        std::vector<std::pair<KernelBuffer *, uint8_t *>> bases;
-        for (KernelBuffer *buf : {&q_buf, &k_buf, &v_buf, &mask_buf, &out_buf, &lse_buf, &dout_buf, &dq_buf, &dk_buf,
-                                  &dv_buf}) {
-            bases.emplace_back(buf, buf->buffer.host);
-        }
-        auto base_of = [&](KernelBuffer *buf) {
-            for (auto &[b, base] : bases) {
-                if (b == buf) return base;
-            }
-            return static_cast<uint8_t *>(nullptr);
-        };
-        const int64_t group = p.h / p.kv_heads;
-        for (const Slice &s : slices) {
-            for (auto &[buf, base] : bases) restrict_dim(*buf, base, 0, s.b0, s.batches);
-            for (KernelBuffer *buf : per_head) restrict_dim(*buf, base_of(buf), 1, s.g0 * group, s.kv_heads * group);
-            for (KernelBuffer *buf : per_kv_head) restrict_dim(*buf, base_of(buf), 1, s.g0, s.kv_heads);
-            run_kernel(kernel.name, kernel.device, p.device_id, options.cuda_stream,
-                       {&q_buf, &k_buf, &v_buf, &mask_buf, &out_buf, &lse_buf, &dout_buf, &dq_buf, &dk_buf, &dv_buf},
-                       [&](void *user_context) { return call_kernel(function, user_context, a); });
-        }
     }
 
     if (stage_dq) copy_into(dq, p.grad_q, bytes);

@@ -25,16 +25,16 @@ int64_t cpu_threads() {
 // How many chunks of keys run in parallel. A GPU wants thousands of thread
 // blocks; with few query tiles (short sequences, few heads) the keys are cut into
 // chunks until there are about kTargetBlocks, each chunk at least kMinChunk keys.
-// A CPU decode kernel's tasks are (chunk, tile, kv head, batch): a few per thread
-// (for balance), each chunk at least kMinCpuChunk keys (the merge's cost).
+// A CPU decode kernel's tasks are (chunk, kv head, batch), every row of a kv
+// head's group in one: a few per thread (for balance), each chunk at least
+// kMinCpuChunk keys (the merge's cost).
 int32_t key_splits_for(const Problem &p, const Options &options) {
     if (options.key_splits > 0) return options.key_splits;
     const KernelEntry &kernel = *p.selection.kernel;
     if (kernel.device == Device::CPU) {
         if (kernel.max_rows == 0) return 1;  // the CPU's parallel loop is over tiles already
         const int64_t kTasksPerThread = 4, kMinCpuChunk = 512;
-        const int64_t rows = p.n * (p.h / p.kv_heads), tiles = (rows + kernel.max_rows - 1) / kernel.max_rows;
-        const int64_t tasks = tiles * p.kv_heads * p.b, wanted = kTasksPerThread * cpu_threads();
+        const int64_t tasks = p.kv_heads * p.b, wanted = kTasksPerThread * cpu_threads();
         return int32_t(std::clamp<int64_t>(std::min((wanted + tasks - 1) / tasks, p.m / kMinCpuChunk), 1, 64));
     }
     const int64_t kTargetBlocks = 4096, kMinChunk = 256, kRowsPerBlock = 32;

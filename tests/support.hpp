@@ -11,6 +11,7 @@
 #include <limits>
 #include <optional>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -83,6 +84,17 @@ inline std::vector<std::string> split_list(const std::string &list) {
     }
     return items;
 }
+// The message of the std::invalid_argument that call() throws; empty when it throws none.
+template <typename Call>
+std::string rejection_of(Call &&call) {
+    try {
+        call();
+    } catch (const std::invalid_argument &e) {
+        return e.what();
+    }
+    return {};
+}
+
 inline std::vector<int64_t> built_head_dims() {
     std::vector<int64_t> dims;
     for (const auto &d : split_list(ATTEND_TEST_HEAD_DIMS)) dims.push_back(std::stoll(d));

@@ -267,12 +267,7 @@ TEST_CASE("backward: every bad input is an invalid_argument naming the argument,
         INFO(std::string(bad.what));
         BackwardCall call;
         bad.bend(call);
-        std::string message;
-        try {
-            call.run();
-        } catch (const std::invalid_argument &e) {
-            message = e.what();
-        }
+        const std::string message = rejection_of([&] { call.run(); });
         INFO("message: " << message);
         for (const std::string &part : bad.message_parts) CHECK(message.find(part) != std::string::npos);
         CHECK(call.untouched());

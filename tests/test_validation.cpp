@@ -140,12 +140,7 @@ TEST_CASE("every bad input: invalid_argument naming the argument, out untouched,
         INFO("case: " << std::string(bad.what));
         Call call;
         bad.bend(call);
-        std::string message;
-        try {
-            call.run();
-        } catch (const std::invalid_argument &e) {
-            message = e.what();
-        }
+        const std::string message = rejection_of([&] { call.run(); });
         INFO("message: " << message);
         REQUIRE(!message.empty());
         for (const char *part : bad.message_parts) CHECK(contains(message, part));
