@@ -25,8 +25,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="$ROOT/.venv"
 BUILD="$(realpath -m "${ATTEND_BUILD_DIR:-$ROOT/build}")"  # absolute: other trees name it
 # pocl-opencl-icd: an OpenCL device on the CPU, so the GPU schedule is tested without a GPU.
+# Open MPI: attend_dist (ring attention) and its tests under mpirun.
 APT_PACKAGES=(g++ python3 python3-venv doctest-dev libdlpack-dev nlohmann-json3-dev libcli11-dev libbenchmark-dev
-              ocl-icd-opencl-dev pocl-opencl-icd clang libclang-rt-dev clang-16 libclang-rt-16-dev llvm)
+              ocl-icd-opencl-dev pocl-opencl-icd clang libclang-rt-dev clang-16 libclang-rt-16-dev llvm
+              libopenmpi-dev openmpi-bin)
 
 STARTED=$SECONDS
 say() { printf '\033[1m==> [%d:%02d] %s\033[0m\n' $(((SECONDS - STARTED) / 60)) $(((SECONDS - STARTED) % 60)) "$*"; }

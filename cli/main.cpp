@@ -14,7 +14,9 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <functional>
 #include <map>
+#include <numeric>
 #include <random>
 #include <sstream>
 
@@ -22,6 +24,9 @@
 #include <nlohmann/json.hpp>
 
 #include "attend/attend.hpp"
+#if ATTEND_HAS_DIST
+#include "attend/dist.hpp"
+#endif
 #include "attend/dlpack_types.hpp"
 #include "attend/half.hpp"
 #include "attend/reference.hpp"
@@ -35,6 +40,36 @@ using namespace attend;
 struct BadInput : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
+
+// Whether errors are printed: a --ring run's ranks agree on one, which rank 0 prints.
+bool print_errors = true;
+
+void report(const char *prefix, const char *what) {
+    if (print_errors) std::fprintf(stderr, "%s%s\n", prefix, what);
+}
+
+// The exit status of a command that threw, its message printed: 2 for bad
+// input, 1 for a failure while running.
+int exit_status_of(std::exception_ptr error) {
+    try {
+        std::rethrow_exception(error);
+    } catch (const std::invalid_argument &e) {
+        report("", e.what());
+        return 2;
+    } catch (const BadInput &e) {
+        report("attend: ", e.what());
+        return 2;
+    } catch (const npy::Error &e) {
+        report("attend: ", e.what());
+        return 2;
+    } catch (const attend::Error &e) {
+        report("", e.what());  // already says "attend: ..."
+        return 1;
+    } catch (const std::exception &e) {
+        report("attend: ", e.what());
+        return 1;
+    }
+}
 
 DLTensor as_dl(npy::Array &a) {
     DLTensor t{};
@@ -144,7 +179,8 @@ DLTensor dense_dl(void *data, std::vector<int64_t> &shape, DLDataType dtype) {
 struct RunArgs {
     std::string q, k, v, out, lse, mask, device = "cpu", kernel, isa = "auto", causal_align = "top-left", dtype;
     std::string dout, dq, dk, dv;  // the backward: all four, or none
-    bool causal = false;
+    std::string layout = "contiguous";  // --ring
+    bool causal = false, ring = false;
     std::optional<float> scale, dropout;
     uint64_t seed = 0;
 };
@@ -156,13 +192,31 @@ Device parse_device(const std::string &name) {
     throw BadInput("--device: expected cpu, cuda or opencl, got '" + name + "'");
 }
 
-int run_command(const RunArgs &a) {
+// A run's inputs read and converted to the computation's dtype, its outputs
+// allocated (zeros), and its options: everything before the kernels run.
+struct RunCall {
+    DType dtype = DType::Float32;
+    npy::Array q, k, v, dout, out, lse, dq, dk, dv;
+    std::optional<npy::Array> mask;
+    bool with_backward = false, want_lse = false;
+    Options options;
+
+    // An array as the tensor the kernels take (float data in the computation's dtype).
+    DLTensor tensor(npy::Array &array) const {
+        DLTensor t = as_dl(array);
+        if (t.dtype.code == kDLFloat) t.dtype = dlpack::type_of(dtype);
+        return t;
+    }
+};
+
+RunCall prepare_run(const RunArgs &a) {
+    RunCall c;
     const Device device = parse_device(a.device);
     const int backward_files = !a.dout.empty() + !a.dq.empty() + !a.dk.empty() + !a.dv.empty();
     if (backward_files != 0 && backward_files != 4) {
         throw BadInput("--dout, --dq, --dk, --dv: the backward needs all four, got " + std::to_string(backward_files));
     }
-    const bool with_backward = backward_files == 4;
+    c.with_backward = backward_files == 4;
     {
         std::vector<std::pair<const char *, std::string>> written{{"--out", a.out}, {"--lse", a.lse}, {"--dq", a.dq},
                                                                   {"--dk", a.dk}, {"--dv", a.dv}};
@@ -176,90 +230,224 @@ int run_command(const RunArgs &a) {
             }
         }
     }
-    auto q = npy::read(a.q), k = npy::read(a.k), v = npy::read(a.v);
-    std::optional<npy::Array> mask;
-    if (!a.mask.empty()) mask = npy::read(a.mask);
-    if (q.shape.size() != 4) throw BadInput("--q: expected 4 dims [b, h, n, d], got " + std::to_string(q.shape.size()));
-    if (v.shape.empty()) throw BadInput("--v: expected 3 or 4 dims, got a scalar");
+    c.q = npy::read(a.q);
+    c.k = npy::read(a.k);
+    c.v = npy::read(a.v);
+    if (!a.mask.empty()) c.mask = npy::read(a.mask);
+    if (c.q.shape.size() != 4) throw BadInput("--q: expected 4 dims [b, h, n, d], got " + std::to_string(c.q.shape.size()));
+    if (c.v.shape.empty()) throw BadInput("--v: expected 3 or 4 dims, got a scalar");
 
     // The dtype of the computation: --dtype, else q's. Without --dtype, k and v
     // must be q's; with it, each input is converted (rounded) to it.
     auto file_dtype = [](const npy::Array &a) { return a.dtype == npy::DType::Float16 ? DType::Float16 : DType::Float32; };
-    const DType dtype = a.dtype.empty() ? file_dtype(q) : parse_dtype("--dtype", a.dtype);
-    npy::Array dout;
-    if (with_backward) dout = npy::read(a.dout);
-    std::vector<std::pair<const char *, npy::Array *>> inputs{{"--k", &k}, {"--v", &v}};
-    if (with_backward) inputs.push_back({"--dout", &dout});
+    c.dtype = a.dtype.empty() ? file_dtype(c.q) : parse_dtype("--dtype", a.dtype);
+    if (c.with_backward) c.dout = npy::read(a.dout);
+    std::vector<std::pair<const char *, npy::Array *>> inputs{{"--k", &c.k}, {"--v", &c.v}};
+    if (c.with_backward) inputs.push_back({"--dout", &c.dout});
     for (auto [option, array] : inputs) {
-        if (a.dtype.empty() && array->dtype != q.dtype && array->dtype != npy::DType::Bool) {
+        if (a.dtype.empty() && array->dtype != c.q.dtype && array->dtype != npy::DType::Bool) {
             throw BadInput(std::string(option) + ": is " + to_string(file_dtype(*array)) + " but --q is " +
-                           to_string(dtype) + "; pass --dtype to convert them to one dtype");
+                           to_string(c.dtype) + "; pass --dtype to convert them to one dtype");
         }
     }
-    for (npy::Array *array : {&q, &k, &v, &dout}) {
+    for (npy::Array *array : {&c.q, &c.k, &c.v, &c.dout}) {
         if (array->dtype == npy::DType::Bool) continue;  // rejected by forward with the tensor's name
         const DType from = file_dtype(*array);
-        if (from != dtype) array->data = elements_of(floats_of(array->data, from), dtype);
+        if (from != c.dtype) array->data = elements_of(floats_of(array->data, from), c.dtype);
     }
 
     // out in the computation's dtype; numpy has no bfloat16, so a bfloat16 out is
     // written as float32 (exactly).
     auto result = [&](std::vector<int64_t> shape) {
         npy::Array r;
-        r.dtype = dtype == DType::Float16 ? npy::DType::Float16 : npy::DType::Float32;
+        r.dtype = c.dtype == DType::Float16 ? npy::DType::Float16 : npy::DType::Float32;
         r.shape = std::move(shape);
-        r.data.assign(size_t(std::max<int64_t>(r.numel(), 0)) * (dtype == DType::Float32 ? 4 : 2), 0);
+        r.data.assign(size_t(std::max<int64_t>(r.numel(), 0)) * (c.dtype == DType::Float32 ? 4 : 2), 0);
         return r;
     };
-    npy::Array out = result({q.shape[0], q.shape[1], q.shape[2], v.shape.back()});
-    npy::Array lse;
-    lse.dtype = npy::DType::Float32;
-    lse.shape = {q.shape[0], q.shape[1], q.shape[2]};
-    lse.data.assign(size_t(std::max<int64_t>(lse.numel(), 0)) * sizeof(float), 0);
-    npy::Array dq, dk, dv;  // the gradients: q's, k's and v's shapes
-    if (with_backward) {
-        dq = result(q.shape);
-        dk = result(k.shape);
-        dv = result(v.shape);
+    c.out = result({c.q.shape[0], c.q.shape[1], c.q.shape[2], c.v.shape.back()});
+    c.lse.dtype = npy::DType::Float32;
+    c.lse.shape = {c.q.shape[0], c.q.shape[1], c.q.shape[2]};
+    c.lse.data.assign(size_t(std::max<int64_t>(c.lse.numel(), 0)) * sizeof(float), 0);
+    if (c.with_backward) {  // the gradients: q's, k's and v's shapes
+        c.dq = result(c.q.shape);
+        c.dk = result(c.k.shape);
+        c.dv = result(c.v.shape);
     }
+    c.want_lse = !a.lse.empty() || c.with_backward;
 
-    Options options;
-    options.causal = a.causal;
+    c.options.causal = a.causal;
     if (a.causal_align != "top-left" && a.causal_align != "bottom-right") {
         throw BadInput("--causal-align: expected top-left or bottom-right, got '" + a.causal_align + "'");
     }
-    options.causal_align = a.causal_align == "bottom-right" ? CausalAlign::BottomRight : CausalAlign::TopLeft;
-    options.scale = a.scale;
-    options.kernel = a.kernel;
-    options.cpu_isa = parse_isa(a.isa);
-    options.device = device;
+    c.options.causal_align = a.causal_align == "bottom-right" ? CausalAlign::BottomRight : CausalAlign::TopLeft;
+    c.options.scale = a.scale;
+    c.options.kernel = a.kernel;
+    c.options.cpu_isa = parse_isa(a.isa);
+    c.options.device = device;
     if (a.dropout) {
-        options.training = true;  // --dropout asks for training-mode dropout
-        options.dropout = *a.dropout;
-        options.seed = a.seed;
+        c.options.training = true;  // --dropout asks for training-mode dropout
+        c.options.dropout = *a.dropout;
+        c.options.seed = a.seed;
     }
-    auto tensor = [&](npy::Array &array) {
-        DLTensor t = as_dl(array);
-        if (t.dtype.code == kDLFloat) t.dtype = dlpack::type_of(dtype);
-        return t;
-    };
-    DLTensor tq = tensor(q), tk = tensor(k), tv = tensor(v), tout = tensor(out), tlse = as_dl(lse);
-    DLTensor tmask = mask ? as_dl(*mask) : DLTensor{};
-    const bool want_lse = !a.lse.empty() || with_backward;
-    forward(tq, tk, tv, mask ? &tmask : nullptr, tout, want_lse ? &tlse : nullptr, options);
-    if (with_backward) {
-        DLTensor tdout = tensor(dout), tdq = tensor(dq), tdk = tensor(dk), tdv = tensor(dv);
-        backward(tq, tk, tv, mask ? &tmask : nullptr, tout, tlse, tdout, tdq, tdk, tdv, options);
-    }
-    // Everything is computed before anything is written; each file is a
-    // temporary renamed into place: whole or untouched.
-    std::vector<std::pair<std::string, npy::Array *>> files{{a.out, &out}};
-    if (!a.lse.empty()) files.push_back({a.lse, &lse});
-    if (with_backward) files.insert(files.end(), {{a.dq, &dq}, {a.dk, &dk}, {a.dv, &dv}});
+    return c;
+}
+
+// Writes the results, each file a temporary renamed into place: whole or untouched.
+void write_results(const RunArgs &a, RunCall &c) {
+    std::vector<std::pair<std::string, npy::Array *>> files{{a.out, &c.out}};
+    if (!a.lse.empty()) files.push_back({a.lse, &c.lse});
+    if (c.with_backward) files.insert(files.end(), {{a.dq, &c.dq}, {a.dk, &c.dk}, {a.dv, &c.dv}});
     for (auto &[path, array] : files) {
-        if (dtype == DType::BFloat16 && array != &lse) array->data = elements_of(floats_of(array->data, dtype), DType::Float32);
+        if (c.dtype == DType::BFloat16 && array != &c.lse) {
+            array->data = elements_of(floats_of(array->data, c.dtype), DType::Float32);
+        }
         npy::write(path, *array);
     }
+}
+
+#if ATTEND_HAS_DIST
+// MPI for the life of a --ring run (unless the caller's program set it up).
+struct MpiSession {
+    bool owned = false;
+    MpiSession() {
+        int initialized = 0;
+        MPI_Initialized(&initialized);
+        if (!initialized) {
+            MPI_Init(nullptr, nullptr);
+            owned = true;
+        }
+    }
+    ~MpiSession() {
+        if (owned) MPI_Finalize();
+    }
+    MpiSession(const MpiSession &) = delete;
+    MpiSession &operator=(const MpiSession &) = delete;
+};
+
+// attend run --ring: every rank reads the inputs and keeps its shard of the
+// sequence (in --layout), ring_forward computes each rank's rows, rank 0
+// gathers and writes them. Each step's errors are agreed by every rank.
+void ring_run_on(const RunArgs &a, MPI_Comm comm, int rank, int ranks) {
+    RunCall c;
+    dist::Layout layout = dist::Layout::Contiguous;
+    npy::Array q, k, v, mask, out, lse;  // this rank's shards
+    const int key_dim = 2;  // of 4-D k and v; 1 for 3-D
+    // A bad input on any rank is a bad input (exit status 2) on every rank.
+    auto as_bad_input = [](auto step) {
+        return [step] {
+            try {
+                step();
+            } catch (const BadInput &e) {
+                throw std::invalid_argument(std::string("attend: ") + e.what());
+            } catch (const npy::Error &e) {
+                throw std::invalid_argument(std::string("attend: ") + e.what());
+            }
+        };
+    };
+    dist::collectively(comm, as_bad_input([&] {
+        if (a.layout != "contiguous" && a.layout != "zigzag") {
+            throw BadInput("--layout: expected contiguous or zigzag, got '" + a.layout + "'");
+        }
+        layout = a.layout == "zigzag" ? dist::Layout::ZigZag : dist::Layout::Contiguous;
+        if (!a.dout.empty() || !a.dq.empty() || !a.dk.empty() || !a.dv.empty()) {
+            throw BadInput("--ring: runs the forward only (no --dout, --dq, --dk, --dv)");
+        }
+        if (a.device != "cpu") throw BadInput("--ring: runs on the CPU only (--device cpu)");
+        c = prepare_run(a);
+        const int64_t parts = layout == dist::Layout::ZigZag ? 2 * int64_t(ranks) : ranks;
+        const int k_dim = c.k.shape.size() == 3 ? 1 : key_dim;
+        if (c.k.shape.size() < 3) throw BadInput("--k: expected 3 or 4 dims");
+        for (auto [option, length] : {std::pair<const char *, int64_t>{"--q", c.q.shape[2]}, {"--k", c.k.shape[size_t(k_dim)]}}) {
+            if (length % parts != 0) {
+                throw BadInput(std::string(option) + ": its sequence of " + std::to_string(length) +
+                               " does not divide into " + std::to_string(parts) + " equal chunks (--layout " +
+                               a.layout + " on " + std::to_string(ranks) + " ranks)");
+            }
+        }
+        // This rank's shard of an array whose dim `dim` is the sequence.
+        auto shard_of = [&](npy::Array &whole, int dim) {
+            npy::Array local = whole;
+            local.shape[size_t(dim)] /= ranks;
+            local.data.assign(size_t(local.numel()) * whole.itemsize(), 0);
+            DLTensor w = c.tensor(whole), l = c.tensor(local);
+            dist::shard(w, dim, rank, ranks, layout, l);
+            return local;
+        };
+        q = shard_of(c.q, 2);
+        k = shard_of(c.k, k_dim);
+        v = shard_of(c.v, k_dim);
+        if (c.mask) {
+            if (c.mask->shape.size() != 2) throw BadInput("--mask: expected 2 dims [b, m]");
+            mask = shard_of(*c.mask, 1);
+        }
+        out = shard_of(c.out, 2);
+        lse = shard_of(c.lse, 2);
+    }));
+    {
+        DLTensor tq = c.tensor(q), tk = c.tensor(k), tv = c.tensor(v), tmask = c.tensor(mask), tout = c.tensor(out),
+                 tlse = as_dl(lse);
+        dist::ring_forward(tq, tk, tv, c.mask ? &tmask : nullptr, tout, c.want_lse ? &tlse : nullptr, comm, c.options,
+                           layout);
+    }
+    // Rank 0 gathers every rank's rows into the whole out and lse, then writes them.
+    dist::collectively(comm, as_bad_input([&] {
+        for (auto [local, whole] : {std::pair<npy::Array *, npy::Array *>{&out, &c.out}, {&lse, &c.lse}}) {
+            if (local->data.size() > size_t(INT32_MAX)) throw BadInput("--ring: a rank's rows pass 2 GiB");
+            std::vector<unsigned char> all(rank == 0 ? local->data.size() * size_t(ranks) : 0);
+            MPI_Gather(local->data.data(), int(local->data.size()), MPI_BYTE, all.data(), int(local->data.size()),
+                       MPI_BYTE, 0, comm);
+            for (int from = 0; rank == 0 && from < ranks; from++) {
+                npy::Array part = *local;
+                std::memcpy(part.data.data(), all.data() + size_t(from) * local->data.size(), local->data.size());
+                DLTensor p = local == &lse ? as_dl(part) : c.tensor(part), w = local == &lse ? as_dl(*whole) : c.tensor(*whole);
+                dist::unshard(p, 2, from, ranks, layout, w);
+            }
+        }
+        if (rank == 0) write_results(a, c);
+    }));
+}
+
+// Runs body(comm, rank, ranks) on every rank of MPI_COMM_WORLD: its exit status.
+// Every rank has the same error (the steps agree on them), which rank 0 prints
+// before any rank exits (mpirun ends the job when one does).
+int on_every_rank(const std::function<void(MPI_Comm, int, int)> &body) {
+    const MpiSession mpi;
+    int rank = 0, ranks = 1;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &ranks);
+    try {
+        body(MPI_COMM_WORLD, rank, ranks);
+        return 0;
+    } catch (...) {
+        print_errors = rank == 0;
+        const int status = exit_status_of(std::current_exception());
+        std::fflush(stderr);
+        MPI_Barrier(MPI_COMM_WORLD);
+        return status;
+    }
+}
+
+#endif
+
+int run_command(const RunArgs &a) {
+    if (a.ring) {
+#if ATTEND_HAS_DIST
+        return on_every_rank([&](MPI_Comm comm, int rank, int ranks) { ring_run_on(a, comm, rank, ranks); });
+#else
+        throw BadInput("--ring: this build has no attend_dist (MPI was not found when it was configured)");
+#endif
+    }
+    RunCall c = prepare_run(a);
+    DLTensor tq = c.tensor(c.q), tk = c.tensor(c.k), tv = c.tensor(c.v), tout = c.tensor(c.out), tlse = as_dl(c.lse);
+    DLTensor tmask = c.mask ? as_dl(*c.mask) : DLTensor{};
+    forward(tq, tk, tv, c.mask ? &tmask : nullptr, tout, c.want_lse ? &tlse : nullptr, c.options);
+    if (c.with_backward) {
+        DLTensor tdout = c.tensor(c.dout), tdq = c.tensor(c.dq), tdk = c.tensor(c.dk), tdv = c.tensor(c.dv);
+        backward(tq, tk, tv, c.mask ? &tmask : nullptr, tout, tlse, tdout, tdq, tdk, tdv, c.options);
+    }
+    // Everything is computed before anything is written.
+    write_results(a, c);
     return 0;
 }
 
@@ -267,7 +455,8 @@ int run_command(const RunArgs &a) {
 
 struct BenchArgs {
     int64_t b = 2, h = 8, n = 1024, m = 1024, d = 64, dv = -1, kv_heads = -1;
-    bool causal = false, mask = false, json = false, backward = false;
+    bool causal = false, mask = false, json = false, backward = false, ring = false;
+    std::string layout = "contiguous";  // --ring
     int repeats = 10, key_splits = 0;
     std::string device = "cpu", kernel, isa = "auto", dtype = "float32";
 };
@@ -291,7 +480,131 @@ Halide::Runtime::Buffer<void> on_device(const std::vector<unsigned char> &host, 
     return buffer;
 }
 
+#if ATTEND_HAS_DIST
+// attend bench --ring under mpirun: each rank times ring_forward on random
+// shards of one sequence (--n and --m are the whole sequence's); a sample is
+// the slowest rank's time. Rank 0 prints each rank's compute in the median
+// sample (summed over its steps), the wait after it that the compute did not
+// hide, the bytes it sent, the balance (most compute over least, whole call
+// and step by step), and a JSON line.
+void ring_bench_on(const BenchArgs &a, MPI_Comm comm, int rank, int ranks) {
+    if (a.backward || a.device != "cpu") throw BadInput("--ring: times the forward on the CPU (no --backward, --device)");
+    if (a.layout != "contiguous" && a.layout != "zigzag") {
+        throw BadInput("--layout: expected contiguous or zigzag, got '" + a.layout + "'");
+    }
+    const dist::Layout layout = a.layout == "zigzag" ? dist::Layout::ZigZag : dist::Layout::Contiguous;
+    if (a.repeats < 1) throw BadInput("--repeats: expected at least 1");
+    const int64_t dv = a.dv < 0 ? a.d : a.dv, kv_heads = a.kv_heads < 0 ? a.h : a.kv_heads;
+    if (kv_heads < 1) throw BadInput("--kv-heads: --ring takes 4-D k and v (at least 1 kv head)");
+    const int64_t parts = layout == dist::Layout::ZigZag ? 2 * int64_t(ranks) : ranks;
+    for (auto [name, value] : {std::pair{"--n", a.n}, {"--m", a.m}}) {
+        if (value < 1 || value % parts != 0) {
+            throw BadInput(std::string(name) + ": " + std::to_string(value) + " does not divide into " +
+                           std::to_string(parts) + " equal chunks (--layout " + a.layout + " on " +
+                           std::to_string(ranks) + " ranks)");
+        }
+    }
+    const int64_t n = a.n / ranks, m = a.m / ranks;  // this rank's
+    std::vector<int64_t> q_shape{a.b, a.h, n, a.d}, k_shape{a.b, kv_heads, m, a.d}, v_shape{a.b, kv_heads, m, dv},
+        out_shape{a.b, a.h, n, dv}, mask_shape{a.b, m};
+    auto count = [](const std::vector<int64_t> &s) {
+        size_t c = 1;
+        for (auto e : s) c *= size_t(e);
+        return c;
+    };
+    const DType dtype = parse_dtype("--dtype", a.dtype);
+    const uint32_t seed = 10 * uint32_t(rank);
+    auto q = elements_of(random_floats(count(q_shape), seed + 1), dtype),
+         k = elements_of(random_floats(count(k_shape), seed + 2), dtype),
+         v = elements_of(random_floats(count(v_shape), seed + 3), dtype);
+    auto out = elements_of(std::vector<float>(count(out_shape)), dtype);
+    std::vector<uint8_t> mask(count(mask_shape), 1);
+    Options options;
+    options.causal = a.causal;
+    options.kernel = a.kernel;
+    options.cpu_isa = parse_isa(a.isa);
+    const DLDataType type = dlpack::type_of(dtype);
+    DLTensor tq = dense_dl(q.data(), q_shape, type), tk = dense_dl(k.data(), k_shape, type),
+             tv = dense_dl(v.data(), v_shape, type), tout = dense_dl(out.data(), out_shape, type),
+             tmask = dense_dl(mask.data(), mask_shape, dlpack::kBool);
+
+    // Samples: the slowest rank's milliseconds, and this rank's steps in each.
+    std::vector<double> slowest;
+    std::vector<dist::RingStats> steps(size_t(a.repeats));
+    auto ring = [&](dist::RingStats *stats) {
+        dist::ring_forward(tq, tk, tv, a.mask ? &tmask : nullptr, tout, nullptr, comm, options, layout, stats);
+    };
+    ring(nullptr);  // warm-up
+    for (int r = 0; r < a.repeats; r++) {
+        MPI_Barrier(comm);
+        const double ms = timing::milliseconds([&] { ring(&steps[size_t(r)]); });
+        double most = 0;
+        MPI_Allreduce(&ms, &most, 1, MPI_DOUBLE, MPI_MAX, comm);
+        slowest.push_back(most);
+    }
+    std::vector<size_t> order(slowest.size());
+    for (size_t i = 0; i < order.size(); i++) order[i] = i;
+    std::sort(order.begin(), order.end(), [&](size_t x, size_t y) { return slowest[x] < slowest[y]; });
+    const dist::RingStats &median_sample = steps[order[order.size() / 2]];
+    auto sum = [](const std::vector<double> &v) { return std::accumulate(v.begin(), v.end(), 0.0); };
+    const double mine[3] = {sum(median_sample.compute_ms), sum(median_sample.wait_ms), double(median_sample.bytes_sent)};
+    std::vector<double> all(size_t(3 * ranks)), all_steps(size_t(ranks) * size_t(ranks));
+    MPI_Gather(mine, 3, MPI_DOUBLE, all.data(), 3, MPI_DOUBLE, 0, comm);
+    MPI_Gather(median_sample.compute_ms.data(), ranks, MPI_DOUBLE, all_steps.data(), ranks, MPI_DOUBLE, 0, comm);
+    if (rank != 0) return;
+
+    nlohmann::json result;
+    result["ranks"] = ranks;
+    result["layout"] = a.layout;
+    for (auto [name, value] : {std::pair{"b", a.b}, {"h", a.h}, {"kv_heads", kv_heads}, {"n", a.n}, {"m", a.m},
+                               {"d", a.d}, {"dv", dv}}) {
+        result[name] = value;
+    }
+    result["causal"] = a.causal;
+    result["mask"] = a.mask;
+    result["dtype"] = to_string(dtype);
+    const double median_ms = timing::median(slowest);
+    result["ms"] = *std::min_element(slowest.begin(), slowest.end());
+    result["median_ms"] = median_ms;
+    result["gflops"] = flop_count(a.b, a.h, a.n, a.m, a.d, dv, a.causal) / median_ms * 1e-6;
+    std::vector<double> compute, wait, sent, step_balance;
+    for (int r = 0; r < ranks; r++) {
+        compute.push_back(all[size_t(3 * r)]);
+        wait.push_back(all[size_t(3 * r + 1)]);
+        sent.push_back(all[size_t(3 * r + 2)]);
+        std::printf("rank %d: compute %.2f ms in %d steps, %.2f ms waiting for transfers after it, %.1f MiB sent\n", r,
+                    compute.back(), ranks, wait.back(), sent.back() / (1 << 20));
+    }
+    for (int step = 0; step < ranks; step++) {
+        double most = 0, least = INFINITY;
+        for (int r = 0; r < ranks; r++) {
+            most = std::max(most, all_steps[size_t(r * ranks + step)]);
+            least = std::min(least, all_steps[size_t(r * ranks + step)]);
+        }
+        step_balance.push_back(least > 0 ? most / least : 1.0);
+    }
+    const double balance = *std::max_element(compute.begin(), compute.end()) /
+                           std::max(*std::min_element(compute.begin(), compute.end()), 1e-9);
+    std::printf("%d ranks, %s: median %.2f ms (slowest rank), %.1f GFLOP/s; compute balance (most / least) %.3f\n",
+                ranks, a.layout.c_str(), median_ms, double(result["gflops"]), balance);
+    result["compute_ms"] = compute;
+    result["wait_ms"] = wait;
+    result["bytes_sent"] = sent;
+    result["balance"] = balance;
+    result["step_balance"] = step_balance;
+    result["repeats"] = a.repeats;
+    if (a.json) std::printf("%s\n", result.dump().c_str());
+}
+#endif
+
 int bench_command(const BenchArgs &a) {
+    if (a.ring) {
+#if ATTEND_HAS_DIST
+        return on_every_rank([&](MPI_Comm comm, int rank, int ranks) { ring_bench_on(a, comm, rank, ranks); });
+#else
+        throw BadInput("--ring: this build has no attend_dist (MPI was not found when it was configured)");
+#endif
+    }
     const Device device = parse_device(a.device);
     const int64_t dv = a.dv < 0 ? a.d : a.dv, kv_heads = a.kv_heads < 0 ? a.h : a.kv_heads;
     if (a.repeats < 1) throw BadInput("--repeats: expected at least 1");
@@ -893,6 +1206,7 @@ int kernels_command(const std::string &device) {
     return 0;
 }
 
+
 }  // namespace
 
 int main(int argc, char **argv) {
@@ -925,6 +1239,12 @@ int main(int argc, char **argv) {
     run_cmd->add_option("--device", run.device, "cpu, cuda or opencl (host .npy data is copied to the device)");
     run_cmd->add_option("--kernel", run.kernel, "force a kernel (see `attend kernels`)");
     run_cmd->add_option("--isa", run.isa, "cap the CPU instruction set: auto, avx512, avx2, baseline");
+    run_cmd->add_flag("--ring", run.ring,
+                      "ring attention over the ranks of mpirun: each rank computes its shard of the sequence, rank "
+                      "0 writes the whole result (the same as without --ring)");
+    run_cmd->add_option("--layout", run.layout,
+                        "--ring: contiguous (default; rank r holds the r-th of P chunks) or zigzag (2P chunks, rank r "
+                        "holds r and 2P-1-r: balanced for --causal)");
 
     BenchArgs bench;
     auto *bench_cmd = app.add_subcommand("bench", "time a kernel on random inputs (best and median of --repeats)");
@@ -946,6 +1266,10 @@ int main(int argc, char **argv) {
     bench_cmd->add_option("--dtype", bench.dtype, "float32, float16 or bfloat16");
     bench_cmd->add_option("--key-splits", bench.key_splits, "chunks of keys run in parallel (GPU); 0: automatic");
     bench_cmd->add_flag("--json", bench.json, "print a JSON object as the last line");
+    bench_cmd->add_flag("--ring", bench.ring,
+                        "under mpirun: time ring attention over the ranks (--n, --m: the whole sequence), with each "
+                        "rank's compute, the transfer time it did not hide, bytes sent and the balance");
+    bench_cmd->add_option("--layout", bench.layout, "--ring: contiguous (default) or zigzag");
     bench_cmd->add_flag("--backward", bench.backward,
                         "time the backward (dq, dk, dv) after one forward; GFLOP/s count 2·b·h·n·m·(3d + 2dv)");
 
@@ -966,21 +1290,8 @@ int main(int argc, char **argv) {
         if (*bench_cmd) return bench_command(bench);
         if (*demo_cmd) return demo_command();
         if (*kernels_cmd) return kernels_command(kernels_device);
-    } catch (const std::invalid_argument &e) {
-        std::fprintf(stderr, "%s\n", e.what());
-        return 2;
-    } catch (const BadInput &e) {
-        std::fprintf(stderr, "attend: %s\n", e.what());
-        return 2;
-    } catch (const npy::Error &e) {
-        std::fprintf(stderr, "attend: %s\n", e.what());
-        return 2;
-    } catch (const attend::Error &e) {
-        std::fprintf(stderr, "%s\n", e.what());  // already says "attend: ..."
-        return 1;
-    } catch (const std::exception &e) {
-        std::fprintf(stderr, "attend: %s\n", e.what());
-        return 1;
+    } catch (...) {
+        return exit_status_of(std::current_exception());
     }
     return 2;
 }

@@ -2,8 +2,8 @@
 # install and from the build tree. Each component has its own export set and
 # targets file (Attend-<component>-targets.cmake); AttendConfig.cmake loads the
 # ones asked for. Components: core (attend::attend, its headers, the attend
-# program), always loaded. A later component (the Python module, the ring
-# library) calls attend_install_component(<component> <targets...>).
+# program), always loaded; dist (attend::dist). A later component calls
+# attend_install_component(<component> <targets...>).
 include(CMakePackageConfigHelpers)
 set(ATTEND_CONFIG_DIR "${CMAKE_INSTALL_LIBDIR}/cmake/Attend")
 
@@ -27,6 +27,10 @@ if (TARGET attend_cli)
     list(APPEND core_targets attend_cli)
 endif ()
 attend_install_component(core ${core_targets})
+# dist: attend::dist (ring attention over MPI), when it was built.
+if (TARGET attend_dist)
+    attend_install_component(dist attend_dist)
+endif ()
 install(DIRECTORY "${PROJECT_SOURCE_DIR}/include/attend" DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}" COMPONENT core)
 install(FILES "${ATTEND_HALIDE_RUNTIME_INCLUDE}/HalideBuffer.h" "${ATTEND_HALIDE_RUNTIME_INCLUDE}/HalideRuntime.h"
         DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}/attend/halide" COMPONENT core)

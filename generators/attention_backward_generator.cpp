@@ -74,6 +74,8 @@ public:
     Input<int32_t> causal_offset{"causal_offset"};  // as the forward's
     Input<int32_t> query_offset{"query_offset"};
     Input<int32_t> key_offset{"key_offset"};
+    Input<int32_t> batch_offset{"batch_offset"};  // as the forward's
+    Input<int32_t> head_offset{"head_offset"};
     // Causal: rows below this may have every key masked (the forward's), so every
     // key tile visits them for dV.
     Input<int32_t> all_keys_rows{"all_keys_rows"};
@@ -134,7 +136,9 @@ private:
         Expr weight = select(row >= N || key >= M, 0.0f,
                              every_key_masked, 1.0f / cast<float>(M),
                              allowed, exp2_nonpositive(min(score_log2 - lse_log2, 0.0f)), 0.0f);
-        Expr kept = dropout_kept(seed_lo, seed_hi, b, hh, cast<uint32_t>(row) + cast<uint32_t>(query_offset),
+        Expr kept = dropout_kept(seed_lo, seed_hi, cast<uint32_t>(b) + cast<uint32_t>(batch_offset),
+                                 cast<uint32_t>(hh) + cast<uint32_t>(head_offset),
+                                 cast<uint32_t>(row) + cast<uint32_t>(query_offset),
                                  cast<uint32_t>(key) + cast<uint32_t>(key_offset), drop_threshold);
         Expr keep = select(kept, keep_scale, 0.0f);
         Expr dscore = select(every_key_masked, 0.0f, weight * (keep * dp - row_delta(row_in, hh, b)));

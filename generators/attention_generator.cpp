@@ -95,6 +95,11 @@ public:
     // them through causal_offset.)
     Input<int32_t> query_offset{"query_offset"};
     Input<int32_t> key_offset{"key_offset"};
+    // The global indices of the call's first batch and head (the runtime runs a
+    // call too large for 32-bit indexing in pieces): the dropout hash's batch
+    // and head are b + batch_offset and h + head_offset.
+    Input<int32_t> batch_offset{"batch_offset"};
+    Input<int32_t> head_offset{"head_offset"};
     // Causal: rows below this may have every key masked (the runtime computes it
     // from the mask and the offset), so their tiles visit every key block.
     Input<int32_t> all_keys_rows{"all_keys_rows"};
@@ -202,7 +207,9 @@ private:
         // Dropout zeroes weights after the softmax: the sum above keeps them all.
         // Unsigned: the positions of padded rows and keys past the end may pass
         // 2^31 - 1 (their weights are discarded; the sum must not overflow).
-        Expr kept = dropout_kept(seed_lo, seed_hi, bb, head, cast<uint32_t>(row) + cast<uint32_t>(query_offset),
+        Expr kept = dropout_kept(seed_lo, seed_hi, cast<uint32_t>(bb) + cast<uint32_t>(batch_offset),
+                                 cast<uint32_t>(head) + cast<uint32_t>(head_offset),
+                                 cast<uint32_t>(row) + cast<uint32_t>(query_offset),
                                  cast<uint32_t>(key) + cast<uint32_t>(key_offset), drop_threshold);
         kept_weight(ii, jj, kb, io, hq, bb) = select(kept, weight(ii, jj, kb, io, hq, bb), 0.0f);
 

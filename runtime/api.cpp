@@ -26,6 +26,12 @@ void forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const DLTe
     detail::run_forward(problem, options);
 }
 
+void check_forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const DLTensor *mask,
+                   const DLTensor &out, const DLTensor *lse, const Options &options) {
+    detail::validate(view_of("q", q), view_of("k", k), view_of("v", v), optional_view("mask", mask),
+                     view_of("out", out), optional_view("lse", lse), options);
+}
+
 void forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const DLTensor *mask, const DLTensor &out,
              const Options &options) {
     forward(q, k, v, mask, out, nullptr, options);

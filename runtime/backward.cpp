@@ -1,5 +1,5 @@
 // The backward call: from a validated Problem (its backward kernel already
-// selected) to the kernel's arguments, then one kernel call.
+// selected) to the kernel's arguments, then one kernel call per piece.
 #include <algorithm>
 #include <vector>
 
@@ -12,59 +12,9 @@
 namespace attend::detail {
 namespace {
 
-// The dK/dV pipeline sums dk and dv in float32 for all of a call's keys before it
-// writes them (2·4·b·hk·m·d bytes). Above this, a CPU call runs in slices of
-// whole batches, or of kv heads within a batch, so that those sums stay under it.
-constexpr int64_t kMaxKvSumBytes = int64_t(32) << 20;
-
-// A slice of a call: batches [b0, b0 + batches), kv heads [g0, g0 + kv_heads).
-struct Slice {
-    int64_t b0, batches, g0, kv_heads;
-};
-
-std::vector<Slice> slices_for(const Problem &p, int64_t width_q, int64_t width_v, bool gpu) {
-    const int64_t per_kv_head = p.m * (width_q + width_v) * int64_t(sizeof(float));
-    if (gpu || p.b * p.kv_heads * per_kv_head <= kMaxKvSumBytes) return {{0, p.b, 0, p.kv_heads}};
-    const int64_t kv_heads_per_slice = std::max<int64_t>(1, kMaxKvSumBytes / per_kv_head);
-    std::vector<Slice> slices;
-    if (kv_heads_per_slice >= p.kv_heads) {
-        const int64_t batches = kv_heads_per_slice / p.kv_heads;
-        for (int64_t b0 = 0; b0 < p.b; b0 += batches) slices.push_back({b0, std::min(batches, p.b - b0), 0, p.kv_heads});
-    } else {
-        for (int64_t b0 = 0; b0 < p.b; b0++) {
-            for (int64_t g0 = 0; g0 < p.kv_heads; g0 += kv_heads_per_slice) {
-                slices.push_back({b0, 1, g0, std::min(kv_heads_per_slice, p.kv_heads - g0)});
-            }
-        }
-    }
-    return slices;
-}
-
-// Restricts buf to [min, min + extent) of its dim `dim` (PyTorch's order) at
-// the same global coordinates: the kernel sees the slice's batch and head
-// indices (the dropout hash, the head of a kv head), not indices from 0. Its
-// host pointer is the element at the mins (the view's data is the one at 0).
-void restrict_dim(KernelBuffer &buf, int dim, int64_t min, int64_t extent) {
-    halide_dimension_t &d = buf.dims[buf.buffer.dimensions - 1 - dim];
-    d.min = int32_t(min);
-    d.extent = int32_t(extent);
-    int64_t offset = 0;
-    for (int i = 0; i < buf.buffer.dimensions; i++) offset += int64_t(buf.dims[i].min) * buf.dims[i].stride;
-    buf.buffer.host = static_cast<uint8_t *>(buf.view.data) + offset * int64_t(buf.buffer.type.bytes());
-}
-
-}  // namespace
-
-void run_backward(const Problem &p, const Options &options) {
+// One kernel call for the whole of p.
+void run_backward_call(const Problem &p, const Options &options) {
     const KernelEntry &kernel = *p.selection.kernel;
-    if (p.empty()) {  // no queries, or no columns of v: every gradient is 0 (validation checked they are on the host)
-        for (const TensorView *t : {&p.grad_q, &p.grad_k, &p.grad_v}) {
-            std::vector<uint8_t> zero_storage;
-            copy_into(zeros(*t, t->shape[3], kernel.element.bytes(), zero_storage), *t, kernel.element.bytes());
-            mark_host_written(*t);
-        }
-        return;
-    }
     const bool gpu = kernel.device != Device::CPU;
     const size_t bytes = kernel.element.bytes();
 
@@ -113,27 +63,28 @@ void run_backward(const Problem &p, const Options &options) {
     a.dk = &dk_buf.buffer;
     a.dv = &dv_buf.buffer;
     const BackwardKernel function = p.selection.function_for<Operation::Backward>();
-    const auto slices = slices_for(p, width_q, width_v, gpu);
-    KernelBuffer *per_head[] = {&q_buf, &out_buf, &dout_buf, &dq_buf, &lse_buf};
-    KernelBuffer *per_kv_head[] = {&k_buf, &v_buf, &dk_buf, &dv_buf};
-    for (const Slice &s : slices) {
-        if (slices.size() > 1) {  // host tensors only (a CPU kernel): views of the same memory
-            for (KernelBuffer *buf : per_head) restrict_dim(*buf, 1, s.g0 * p.group(), s.kv_heads * p.group());
-            for (KernelBuffer *buf : per_kv_head) restrict_dim(*buf, 1, s.g0, s.kv_heads);
-            for (KernelBuffer *buf : {&q_buf, &k_buf, &v_buf, &mask_buf, &out_buf, &lse_buf, &dout_buf, &dq_buf,
-                                      &dk_buf, &dv_buf}) {
-                restrict_dim(*buf, 0, s.b0, s.batches);
-            }
-        }
-        run_kernel(kernel.name, kernel.device, p.device_id, options.cuda_stream,
-                   {&q_buf, &k_buf, &v_buf, &mask_buf, &out_buf, &lse_buf, &dout_buf, &dq_buf, &dk_buf, &dv_buf},
-                   [&](void *user_context) { return call_kernel(function, user_context, a); });
-    }
+    run_kernel(kernel.name, kernel.device, p.device_id, options.cuda_stream,
+               {&q_buf, &k_buf, &v_buf, &mask_buf, &out_buf, &lse_buf, &dout_buf, &dq_buf, &dk_buf, &dv_buf},
+               [&](void *user_context) { return call_kernel(function, user_context, a); });
 
     if (stage_dq) copy_into(dq, p.grad_q, bytes);
     if (stage_dk) copy_into(dk, p.grad_k, bytes);
     if (stage_dv) copy_into(dv, p.grad_v, bytes);
-    if (!gpu) {
+}
+
+}  // namespace
+
+void run_backward(const Problem &p, const Options &options) {
+    const size_t bytes = p.selection.kernel->element.bytes();
+    if (p.empty()) {  // no queries, or no columns of v: every gradient is 0 (validation checked they are on the host)
+        for (const TensorView *t : {&p.grad_q, &p.grad_k, &p.grad_v}) {
+            std::vector<uint8_t> zero_storage;
+            copy_into(zeros(*t, t->shape[3], bytes, zero_storage), *t, bytes);
+        }
+    } else {
+        for (const Piece &piece : p.pieces) run_backward_call(p.pieces.size() == 1 ? p : piece_of(p, piece), options);
+    }
+    if (p.selection.kernel->device == Device::CPU || p.empty()) {
         for (const TensorView *t : {&p.grad_q, &p.grad_k, &p.grad_v}) mark_host_written(*t);
     }
 }

@@ -34,7 +34,9 @@ void copy_elements(const TensorView &t, const TensorView &dense, size_t bytes, b
 KernelBuffer::KernelBuffer(const TensorView &t, halide_type_t type) : view(t), label(t.name) {
     for (int i = 0; i < t.ndim; i++) {
         int from = t.ndim - 1 - i;
-        dims[i] = halide_dimension_t(0, int32_t(t.shape[from]), int32_t(t.strides[from]));
+        // A dim of size 1 is never stepped: its stride may be a piece's past 32 bits.
+        const int64_t stride = t.shape[from] == 1 && t.strides[from] > INT32_MAX ? 0 : t.strides[from];
+        dims[i] = halide_dimension_t(0, int32_t(t.shape[from]), int32_t(stride));
     }
     buffer.host = static_cast<uint8_t *>(t.data);
     buffer.type = type;

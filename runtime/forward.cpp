@@ -4,6 +4,8 @@
 #include <cstdlib>
 #include <thread>
 
+#include "attend/dlpack_types.hpp"
+#include "attend/half.hpp"
 #include "attend/kernel_abi.hpp"
 #include "device_buffers.hpp"
 #include "kernel_call.hpp"
@@ -117,7 +119,10 @@ TensorView mask_for_kernel(const Problem &p, uint8_t *host_byte) {
     return t;
 }
 
-void run_forward(const Problem &p, const Options &options) {
+namespace {
+
+// One kernel call for the whole of p.
+void run_forward_call(const Problem &p, const Options &options) {
     if (p.empty()) return;
     const KernelEntry &kernel = *p.selection.kernel;
     const bool gpu = kernel.device != Device::CPU;
@@ -178,6 +183,113 @@ void run_forward(const Problem &p, const Options &options) {
         mark_host_written(p.out);
         mark_host_written(p.lse);
     }
+}
+
+
+float load(const void *data, int64_t offset, DType dtype) {
+    if (dtype == DType::Float32) return static_cast<const float *>(data)[offset];
+    return bits_to_float(static_cast<const uint16_t *>(data)[offset], dtype);
+}
+
+void store(void *data, int64_t offset, DType dtype, float value) {
+    if (dtype == DType::Float32) static_cast<float *>(data)[offset] = value;
+    else static_cast<uint16_t *>(data)[offset] = float_to_bits(value, dtype);
+}
+
+// to = from, element by element, converting the float type (host tensors,
+// 3-D or 4-D, of the same shape).
+void convert_into(const TensorView &from, const TensorView &to) {
+    const DType from_type = *dlpack::dtype_of(from.dtype), to_type = *dlpack::dtype_of(to.dtype);
+    const int64_t last = from.ndim == 4 ? from.shape[3] : 1;
+    auto offset = [&](const TensorView &t, int64_t a, int64_t b, int64_t c, int64_t e) {
+        return a * t.strides[0] + b * t.strides[1] + c * t.strides[2] + (t.ndim == 4 ? e * t.strides[3] : 0);
+    };
+    for (int64_t a = 0; a < from.shape[0]; a++) {
+        for (int64_t b = 0; b < from.shape[1]; b++) {
+            for (int64_t c = 0; c < from.shape[2]; c++) {
+                for (int64_t e = 0; e < last; e++) {
+                    store(to.data, offset(to, a, b, c, e), to_type,
+                          load(from.data, offset(from, a, b, c, e), from_type));
+                }
+            }
+        }
+    }
+}
+
+// A dense host float32 tensor of t's shape (4-D with its last dim `width`, or 3-D).
+TensorView float32_like(const TensorView &t, const char *name, std::vector<float> &storage) {
+    TensorView dense = t;
+    dense.name = name;
+    dense.present = true;
+    dense.halide = nullptr;
+    dense.device = DLDevice{kDLCPU, 0};
+    dense.on_device_only = false;
+    dense.dtype = DLDataType{kDLFloat, 32, 1};
+    int64_t stride = 1;
+    for (int i = t.ndim - 1; i >= 0; i--) {
+        dense.strides[i] = stride;
+        stride *= t.shape[i];
+    }
+    storage.assign(size_t(stride), 0.0f);
+    dense.data = storage.data();
+    return dense;
+}
+
+// The key pieces [first, last) of the same rows: each a kernel call into
+// scratch, merged in float32 by their log-sum-exp (as shards of the keys are),
+// then written to the rows' out and lse.
+void run_key_pieces(const Problem &p, const Piece *first, const Piece *last, const Options &options) {
+    Piece rows = *first;
+    rows.j0 = 0;
+    rows.keys = p.m;
+    const Problem whole_rows = piece_of(p, rows);
+    std::vector<float> out_storage, lse_storage, part_f32_storage, part_lse_storage;
+    std::vector<uint8_t> part_storage;
+    const TensorView merged = float32_like(whole_rows.out, "out_a", out_storage);
+    TensorView lse_shape = whole_rows.out;  // lse's [b, h, n] from out's shape
+    lse_shape.ndim = 3;
+    const TensorView merged_lse = float32_like(lse_shape, "lse_a", lse_storage);
+    const TensorView part_lse = float32_like(lse_shape, "lse_b", part_lse_storage);
+    const bool float32 = p.dtype == DType::Float32;
+    TensorView part = zeros(whole_rows.out, p.dv, p.selection.kernel->element.bytes(), part_storage);
+    part.name = "out_b";
+    const TensorView part_f32 = float32 ? part : float32_like(whole_rows.out, "out_b", part_f32_storage);
+    int64_t merged_keys = 0;
+    for (const Piece *piece = first; piece != last; ++piece) {
+        Problem c = piece_of(p, *piece);
+        const bool first_piece = piece == first;
+        c.out = first_piece && float32 ? merged : part;
+        c.lse = first_piece ? merged_lse : part_lse;
+        run_forward_call(c, options);
+        if (first_piece) {
+            if (!float32) convert_into(part, merged);
+        } else {
+            if (!float32) convert_into(part, part_f32);
+            merge(merged, merged_lse, merged_keys, part_f32, part_lse, piece->keys, merged, merged_lse);
+        }
+        merged_keys += piece->keys;
+    }
+    convert_into(merged, whole_rows.out);
+    if (whole_rows.lse.present) convert_into(merged_lse, whole_rows.lse);
+}
+
+}  // namespace
+
+void run_forward(const Problem &p, const Options &options) {
+    if (p.pieces.size() <= 1) {
+        run_forward_call(p, options);
+        return;
+    }
+    const Piece *pieces = p.pieces.data(), *end = pieces + p.pieces.size();
+    for (const Piece *first = pieces; first != end;) {
+        const Piece *last = first + 1;
+        while (last != end && last->same_rows(*first)) ++last;
+        if (last - first == 1) run_forward_call(piece_of(p, *first), options);
+        else run_key_pieces(p, first, last, options);
+        first = last;
+    }
+    mark_host_written(p.out);
+    mark_host_written(p.lse);
 }
 
 }  // namespace attend::detail

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "attend/attend.hpp"
 #include "kernel_table.hpp"
@@ -40,6 +41,14 @@ bool host_readable(const TensorView &t);
 // caller's Halide buffer with a device allocation keeps it on the device).
 bool result_to_host(const TensorView &t);
 
+// A part of a call: batches [b0, b0 + batches), heads [h0, h0 + heads) (whole
+// groups of a kv head, or part of one group), query rows [i0, i0 + rows), keys
+// [j0, j0 + keys).
+struct Piece {
+    int64_t b0 = 0, batches = 0, h0 = 0, heads = 0, i0 = 0, rows = 0, j0 = 0, keys = 0;
+    bool same_rows(const Piece &o) const { return b0 == o.b0 && h0 == o.h0 && i0 == o.i0; }
+};
+
 // A call that passed validation: every field is consistent and in range.
 struct Problem {
     int64_t b = 0, h = 0, kv_heads = 0, n = 0, m = 0, d = 0, dv = 0;
@@ -55,7 +64,13 @@ struct Problem {
     uint64_t seed = 0;
     int64_t causal_offset = 0;    // key j is masked for query i when j > i + causal_offset (offsets included)
     int64_t query_offset = 0, key_offset = 0;  // global positions of the first query and key
+    int64_t batch_offset = 0, head_offset = 0;  // global indices of the first batch and head (a piece's)
     Selection selection;          // the kernel that runs it
+    // The kernel calls it runs as (plan_pieces): one piece, the whole call, unless
+    // a view would pass the kernels' 32-bit indexing or, for a CPU backward, its
+    // dK/dV sums would pass their memory bound. Key pieces of the same rows are
+    // consecutive (merged by the forward).
+    std::vector<Piece> pieces;
     bool empty() const { return b == 0 || h == 0 || n == 0 || dv == 0; }
     int64_t group() const { return kv_heads > 0 ? h / kv_heads : 0; }  // heads per kv head
     int64_t rows_per_kv_head() const { return n * group(); }           // the query rows that read one kv head
@@ -70,6 +85,15 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
 Problem validate_backward(const TensorView &q, const TensorView &k, const TensorView &v, const TensorView &mask,
                           const TensorView &out, const TensorView &lse, const TensorView &dout, const TensorView &dq,
                           const TensorView &dk, const TensorView &dv, const Options &options);
+
+// The pieces of a validated call whose kernel is selected; throws
+// std::invalid_argument naming a tensor that no piece can make small enough
+// (one row of one head), or that would need pieces on device memory.
+std::vector<Piece> plan_pieces(const Problem &p, Operation op);
+
+// The piece of p as a call of its own: views of p's tensors at the piece, its
+// offsets (query, key, batch, head, causal) keeping every position global.
+Problem piece_of(const Problem &p, const Piece &piece);
 
 // An absent optional tensor (mask, lse).
 TensorView absent(const char *name);
@@ -103,6 +127,8 @@ void set_shared_scalars(KernelArgs &a, const Problem &p) {
     a.causal_offset = int32_t(p.causal_offset);
     a.query_offset = int32_t(p.query_offset);
     a.key_offset = int32_t(p.key_offset);
+    a.batch_offset = int32_t(p.batch_offset);
+    a.head_offset = int32_t(p.head_offset);
     a.all_keys_rows = int32_t(all_keys_rows_of(p));
 }
 

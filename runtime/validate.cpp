@@ -13,13 +13,16 @@
 namespace attend::detail {
 namespace {
 
-std::string shape_string(const TensorView &t) {
+std::string list_string(const int64_t *values, int count) {
     std::ostringstream s;
     s << "[";
-    for (int i = 0; i < t.ndim; i++) s << (i ? ", " : "") << t.shape[i];
+    for (int i = 0; i < count; i++) s << (i ? ", " : "") << values[i];
     s << "]";
     return s.str();
 }
+
+std::string shape_string(const TensorView &t) { return list_string(t.shape, t.ndim); }
+std::string stride_string(const TensorView &t) { return list_string(t.strides, t.ndim); }
 
 std::string device_string(DLDevice d) {
     switch (d.device_type) {
@@ -77,18 +80,22 @@ void check_basic(const TensorView &t, std::initializer_list<int> ranks, const ch
     if (element_count(t) > 0 && t.data == nullptr && !device_only) {
         fail(std::string(t.name) + ": data is null for a tensor of shape " + shape_string(t));
     }
-    // The kernels index with 32-bit integers.
-    const int64_t limit = INT32_MAX;
+    // A span no address space holds is an error (and keeps the byte arithmetic
+    // of the overlap checks within 64 bits).
+    __int128 span_bytes = 0;
     for (int i = 0; i < t.ndim; i++) {
-        if (t.shape[i] > limit || t.strides[i] > limit) {
-            fail(std::string(t.name) + ": dim " + std::to_string(i) + " (size " + std::to_string(t.shape[i]) +
-                 ", stride " + std::to_string(t.strides[i]) + ") exceeds the 32-bit indexing of the kernels");
-        }
+        if (t.shape[i] > 0) span_bytes += __int128(t.shape[i] - 1) * t.strides[i] * ((t.dtype.bits + 7) / 8);
     }
-    int64_t bytes = element_count(t) == 0 ? 0 : (last_offset(t) + 1) * ((t.dtype.bits + 7) / 8);
-    if (bytes > limit) {
-        fail(std::string(t.name) + ": spans " + std::to_string(bytes) +
-             " bytes; the kernels use 32-bit indexing, at most 2147483647 bytes per tensor");
+    if (span_bytes > (__int128(1) << 47)) {
+        fail(std::string(t.name) + ": its strides " + stride_string(t) + " span more than 2^47 bytes of memory");
+    }
+    // The kernels index with 32-bit integers: a size must fit. (Strides and
+    // spans are the pieces' concern: a call beyond them runs in pieces.)
+    for (int i = 0; i < t.ndim; i++) {
+        if (t.shape[i] > INT32_MAX) {
+            fail(std::string(t.name) + ": dim " + std::to_string(i) + " has size " + std::to_string(t.shape[i]) +
+                 ", beyond the 32-bit indexing of the kernels (at most 2147483647)");
+        }
     }
 }
 
@@ -441,6 +448,7 @@ Problem validate(const TensorView &q, const TensorView &k, const TensorView &v, 
     check_written(out, {&q, &k, &v, &mask}, "out must not alias an input");
     if (lse.present) check_written(lse, {&q, &k, &v, &mask, &out}, "lse must have memory of its own");
     select_kernel_for(p, Operation::Forward, options);
+    p.pieces = plan_pieces(p, Operation::Forward);
     return p;
 }
 
@@ -491,6 +499,7 @@ Problem validate_backward(const TensorView &q, const TensorView &k, const Tensor
         }
     }
     select_kernel_for(p, Operation::Backward, options);
+    p.pieces = plan_pieces(p, Operation::Backward);
     return p;
 }
 

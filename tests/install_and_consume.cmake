@@ -16,6 +16,17 @@ step("${CMAKE_COMMAND}" -S "${SOURCE_DIR}" -B "${WORK_DIR}/build" -G "${GENERATO
 step("${CMAKE_COMMAND}" --build "${WORK_DIR}/build")
 step("${WORK_DIR}/build/consumer")
 
+# The dist component, when this build has it: the ring example, on one rank (MPI's singleton).
+if (EXISTS "${prefix}/lib/cmake/Attend/Attend-dist-targets.cmake" OR
+    EXISTS "${prefix}/lib64/cmake/Attend/Attend-dist-targets.cmake")
+    step("${CMAKE_COMMAND}" -S "${SOURCE_DIR}/../ring" -B "${WORK_DIR}/ring" -G "${GENERATOR}"
+         "-DCMAKE_PREFIX_PATH=${prefix}" -DCMAKE_BUILD_TYPE=Release)
+    step("${CMAKE_COMMAND}" --build "${WORK_DIR}/ring")
+    set(ENV{OMPI_ALLOW_RUN_AS_ROOT} 1)
+    set(ENV{OMPI_ALLOW_RUN_AS_ROOT_CONFIRM} 1)
+    step("${WORK_DIR}/ring/ring")
+endif ()
+
 # A component the install does not have is an error that names it.
 file(WRITE "${WORK_DIR}/missing/CMakeLists.txt"
      "cmake_minimum_required(VERSION 3.28)\nproject(missing CXX)\nfind_package(Attend REQUIRED COMPONENTS nosuch)\n")

@@ -327,6 +327,17 @@ inline void check_lse(const Problem &p, const std::vector<double> &expected) {
     CHECK(max_error <= tolerance);
 }
 
+// The bound on a merge of `parts` parts: each part's out is within
+// fp32_tolerance (its m is smaller); a weight exp(lse_p - lse) is off by about
+// the lse error (relative), which scales the largest |v|; each merge rounds out
+// once more (eps |v|).
+inline double merge_tolerance(const Problem &whole, const Expected &expected, int parts) {
+    double max_v = 0, largest_lse = 0;
+    for (float x : whole.v.dense()) max_v = std::max(max_v, double(std::fabs(x)));
+    for (double l : expected.lse) largest_lse = std::isfinite(l) ? std::max(largest_lse, std::fabs(l)) : largest_lse;
+    return fp32_tolerance(whole) + 2.0 * lse_tolerance(whole, largest_lse) * max_v + double(parts) * FLT_EPSILON * max_v;
+}
+
 // Runs p and checks it (out, and lse if p asks for it) against the oracle within
 // the fp32 tolerance.
 inline void check_against_reference(Problem &p, const Expected &expected) {

@@ -371,3 +371,52 @@ TEST_CASE("attend bench --device opencl --json: samples are batches of calls, sa
     CHECK(j["calls_per_sample"].get<int>() <= 1000);
     CHECK_FALSE(j.contains("extra_memory_mib"));  // host memory is a CPU figure
 }
+
+#ifdef ATTEND_TEST_MPIEXEC
+TEST_CASE("attend run --ring under mpirun: rank 0 writes the whole result, errors are printed once, nothing written") {
+    CliProblem c;  // n = 30, m = 40, multi-query, mask
+    const std::string mpirun = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 HL_NUM_THREADS=1 "
+                               ATTEND_TEST_MPIEXEC " 2";
+    auto r = c.ws.attend("run " + c.files + " --causal --lse " + c.ws.path("lse.npy") + " --ring", mpirun);
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+    c.p.options.causal = true;
+    const Expected expected = c.p.expected();
+    auto out = npy::read(c.ws.path("out.npy"));
+    CHECK(out.shape == std::vector<int64_t>{2, 4, 30, 64});
+    const double tolerance = merge_tolerance(c.p, expected, 2);
+    auto result = compare(std::vector<float>(out.f32(), out.f32() + out.numel()), expected);
+    INFO("max error " << result.max_error << ", tolerance " << tolerance);
+    CHECK(result.not_finite == 0);
+    CHECK(result.max_error <= tolerance);
+    auto lse = npy::read(c.ws.path("lse.npy"));
+    c.p.lse = nan_tensor({2, 4, 30});
+    std::memcpy(c.p.lse->storage.data(), lse.f32(), size_t(lse.numel()) * sizeof(float));
+    check_lse(c.p, expected.lse);
+
+    // Zig-zag on 2 ranks cuts 30 queries into 4 chunks: a bad input on every rank, printed once.
+    std::ofstream(c.ws.path("out.npy")) << "sentinel";
+    r = c.ws.attend("run " + c.files + " --ring --layout zigzag", mpirun);
+    CHECK(r.status != 0);
+    CHECK(r.err.find("attend: rank 0: --q: its sequence of 30 does not divide into 4 equal chunks") !=
+          std::string::npos);
+    CHECK(r.err.find("rank 0:") == r.err.rfind("rank 0:"));
+    CHECK(c.out_untouched());
+    r = c.ws.attend("run " + c.files + " --ring --device cuda", mpirun);
+    CHECK(r.status != 0);
+    CHECK(r.err.find("--ring: runs on the CPU only") != std::string::npos);
+    CHECK(c.out_untouched());
+
+    // bench --ring: each rank's steps, and the bytes of its k and v shard sent on once (2 ranks).
+    r = c.ws.attend("bench --ring --layout zigzag --causal --b 1 --h 4 --kv-heads 2 --n 64 --m 64 --d 32 --repeats 2 "
+                    "--json", mpirun);
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+    const auto report = nlohmann::json::parse(r.out.substr(r.out.rfind('{')));
+    CHECK(report["ranks"] == 2);
+    CHECK(report["compute_ms"].size() == 2);
+    CHECK(report["step_balance"].size() == 2);
+    CHECK(report["bytes_sent"][0] == 1 * 2 * 32 * (32 + 32) * 4);  // b · hk · m / 2 · (d + dv) · 4 bytes
+    CHECK(report["gflops"].get<double>() > 0);
+}
+#endif

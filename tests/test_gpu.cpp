@@ -213,6 +213,36 @@ TEST_CASE("a shard of a sequence at its global positions (query_offset, key_offs
     }
 }
 
+TEST_CASE("a call in pieces (host tensors): groups of heads, and keys merged on the host, against the oracle") {
+    // runtime/pieces.cpp with the 32-bit limit lowered (in units of d: q holds 66
+    // per group of 2 heads, k 100 per kv head): each piece a kernel call on the device.
+    Options options;
+    options.causal = true;
+    options.training = true;
+    options.dropout = 0.25f;
+    options.seed = 5;
+    for (int64_t d : built_head_dims()) {
+        ProblemSpec spec = spec_of(2, 4, 33, 100, d);
+        spec.kv_heads = 2;
+        spec.mask = true;
+        const Expected expected = make_problem(spec, options).expected();
+        for (auto [limit_in_d, key_pieces] : {std::pair<int64_t, int>{100, 1}, {40, 3}}) {
+            Problem p = make_problem(spec, options);
+            p.options.device = g_device;
+            const int64_t previous = testing::set_max_kernel_view_elements(limit_in_d * d);
+            p.run();
+            testing::set_max_kernel_view_elements(previous);
+            const double tolerance = merge_tolerance(p, expected, key_pieces);
+            const auto compared = compare(p.out.dense(), expected);
+            INFO("d=" << d << ", limit " << limit_in_d << " d: max error " << compared.max_error << ", tolerance "
+                      << tolerance);
+            CHECK(compared.not_finite == 0);
+            CHECK(compared.max_error <= tolerance);
+            check_lse(p, expected.lse);
+        }
+    }
+}
+
 TEST_CASE("float16 and bfloat16: against the reference and the float32 kernel") {
     ProblemSpec plain = spec_of(2, 2, 65, 130, 64), masked = spec_of(1, 4, 70, 90, 32), padded = spec_of(2, 1, 33, 50, 24);
     masked.mask = true;

@@ -58,17 +58,6 @@ Tensor<uint8_t> mask_for_merge(int64_t m, int64_t first_part_end) {
     return mask;
 }
 
-// The bound on a merge of `parts` parts: each part's out is within
-// fp32_tolerance (its m is smaller); a weight exp(lse_p - lse) is off by about
-// the lse error (relative), which scales the largest |v|; each merge rounds out
-// once more (eps |v|).
-double merge_tolerance(const Problem &whole, const Expected &expected, int parts) {
-    double max_v = 0, largest_lse = 0;
-    for (float x : whole.v.dense()) max_v = std::max(max_v, double(std::fabs(x)));
-    for (double l : expected.lse) largest_lse = std::isfinite(l) ? std::max(largest_lse, std::fabs(l)) : largest_lse;
-    return fp32_tolerance(whole) + 2.0 * lse_tolerance(whole, largest_lse) * max_v + double(parts) * FLT_EPSILON * max_v;
-}
-
 void check_merge(int parts, bool with_mask, bool in_place) {
     ProblemSpec spec = spec_of(3, 2, 37, 300, 64);
     auto whole = make_problem(spec);

@@ -192,6 +192,12 @@ ATTEND_API void forward(const DLTensor &q, const DLTensor &k, const DLTensor &v,
 ATTEND_API void forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const DLTensor *mask,
                         const DLTensor &out, const DLTensor *lse, const Options &options = {});
 
+// Checks a forward call as forward() does, without running it: throws the same
+// std::invalid_argument, writes nothing. (attend::dist checks each rank's shard
+// before any rank starts.)
+ATTEND_API void check_forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const DLTensor *mask,
+                              const DLTensor &out, const DLTensor *lse, const Options &options = {});
+
 // mask: an undefined buffer (default-constructed) means no mask; element type
 // bool or uint8 (nonzero = attend).
 ATTEND_API void forward(const Halide::Runtime::Buffer<const void> &q, const Halide::Runtime::Buffer<const void> &k,
@@ -265,5 +271,14 @@ ATTEND_API double flop_count(int64_t b, int64_t h, int64_t n, int64_t m, int64_t
 // dv, dk, dq), 2·b·h·n·m·(3d + 2dv) (10·b·h·n·m·d when dv = d, 2.5 times the
 // forward's), halved for causal.
 ATTEND_API double backward_flop_count(int64_t b, int64_t h, int64_t n, int64_t m, int64_t d, int64_t dv, bool causal);
+
+namespace testing {
+// The most elements one tensor view of a kernel call may span: the kernels'
+// 32-bit indexing, 2^31 - 1. A call with a larger view runs as several kernel
+// calls on pieces of its tensors (docs/contract.md). Tests lower it to run
+// small calls in pieces; returns the previous value. Process-wide; throws
+// std::invalid_argument outside [1, 2^31 - 1].
+ATTEND_API int64_t set_max_kernel_view_elements(int64_t elements);
+}  // namespace testing
 
 }  // namespace attend

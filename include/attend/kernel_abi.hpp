@@ -30,6 +30,8 @@ struct ForwardKernelArgs {
     int32_t causal_offset = 0;  // causal masks key j for query i when j > i + causal_offset
     int32_t query_offset = 0;   // global positions of the first query and key: the dropout hash's row and key
     int32_t key_offset = 0;
+    int32_t batch_offset = 0;   // global indices of the first batch and head (a piece of a larger call): the
+    int32_t head_offset = 0;    // dropout hash's batch and head
     int32_t all_keys_rows = 0;  // causal: rows below it may have every key masked (their tiles visit every key)
     int32_t key_splits = 1;     // chunks of keys computed in parallel and merged (GPU)
     halide_buffer_t *out = nullptr, *lse = nullptr;
@@ -39,19 +41,22 @@ struct ForwardKernelArgs {
 #define ATTEND_FORWARD_KERNEL_PARAMS                                                                             \
     (const void *user_context, halide_buffer_t *q, halide_buffer_t *k, halide_buffer_t *v, halide_buffer_t *mask, \
      float scale, bool causal, bool has_mask, uint32_t drop_threshold, float keep_scale, uint32_t seed_lo,      \
-     uint32_t seed_hi, int32_t causal_offset, int32_t query_offset, int32_t key_offset, int32_t all_keys_rows,   \
+     uint32_t seed_hi, int32_t causal_offset, int32_t query_offset, int32_t key_offset, int32_t batch_offset,      \
+     int32_t head_offset, int32_t all_keys_rows,                                                                \
      int32_t key_splits, halide_buffer_t *out, halide_buffer_t *lse)
 using ForwardKernel = int(*) ATTEND_FORWARD_KERNEL_PARAMS;
 
 // The generator's Inputs, then its Output, by name (out is the Tuple of out and lse).
 inline constexpr const char *kForwardKernelArgNames[] = {
     "q", "k", "v", "mask", "scale", "causal", "has_mask", "drop_threshold", "keep_scale",
-    "seed_lo", "seed_hi", "causal_offset", "query_offset", "key_offset", "all_keys_rows", "key_splits", "out"};
+    "seed_lo", "seed_hi", "causal_offset", "query_offset", "key_offset", "batch_offset", "head_offset", "all_keys_rows",
+    "key_splits", "out"};
 
 // The one place the struct becomes positional arguments.
 inline int call_kernel(ForwardKernel kernel, const void *user_context, const ForwardKernelArgs &a) {
     return kernel(user_context, a.q, a.k, a.v, a.mask, a.scale, a.causal, a.has_mask, a.drop_threshold, a.keep_scale,
-                  a.seed_lo, a.seed_hi, a.causal_offset, a.query_offset, a.key_offset, a.all_keys_rows, a.key_splits,
+                  a.seed_lo, a.seed_hi, a.causal_offset, a.query_offset, a.key_offset, a.batch_offset, a.head_offset,
+                  a.all_keys_rows, a.key_splits,
                   a.out, a.lse);
 }
 
@@ -70,6 +75,8 @@ struct BackwardKernelArgs {
     int32_t causal_offset = 0;
     int32_t query_offset = 0;
     int32_t key_offset = 0;
+    int32_t batch_offset = 0;
+    int32_t head_offset = 0;
     int32_t all_keys_rows = 0;  // causal: rows below it may have every key masked (they weigh every key for dv)
     halide_buffer_t *dq = nullptr, *dk = nullptr, *dv = nullptr;
 };
@@ -78,18 +85,20 @@ struct BackwardKernelArgs {
     (const void *user_context, halide_buffer_t *q, halide_buffer_t *k, halide_buffer_t *v, halide_buffer_t *mask, \
      halide_buffer_t *out, halide_buffer_t *lse, halide_buffer_t *dout, float scale, bool causal, bool has_mask,  \
      uint32_t drop_threshold, float keep_scale, uint32_t seed_lo, uint32_t seed_hi, int32_t causal_offset,       \
-     int32_t query_offset, int32_t key_offset, int32_t all_keys_rows, halide_buffer_t *dq, halide_buffer_t *dk,  \
+     int32_t query_offset, int32_t key_offset, int32_t batch_offset, int32_t head_offset, int32_t all_keys_rows,   \
+     halide_buffer_t *dq, halide_buffer_t *dk,                                                                    \
      halide_buffer_t *dv)
 using BackwardKernel = int(*) ATTEND_BACKWARD_KERNEL_PARAMS;
 
 inline constexpr const char *kBackwardKernelArgNames[] = {
     "q", "k", "v", "mask", "out", "lse", "dout", "scale", "causal", "has_mask", "drop_threshold", "keep_scale",
-    "seed_lo", "seed_hi", "causal_offset", "query_offset", "key_offset", "all_keys_rows", "dq", "dk", "dv"};
+    "seed_lo", "seed_hi", "causal_offset", "query_offset", "key_offset", "batch_offset", "head_offset",
+    "all_keys_rows", "dq", "dk", "dv"};
 
 inline int call_kernel(BackwardKernel kernel, const void *user_context, const BackwardKernelArgs &a) {
     return kernel(user_context, a.q, a.k, a.v, a.mask, a.out, a.lse, a.dout, a.scale, a.causal, a.has_mask,
                   a.drop_threshold, a.keep_scale, a.seed_lo, a.seed_hi, a.causal_offset, a.query_offset, a.key_offset,
-                  a.all_keys_rows, a.dq, a.dk, a.dv);
+                  a.batch_offset, a.head_offset, a.all_keys_rows, a.dq, a.dk, a.dv);
 }
 
 // The function type of each operation's kernels (the table checks the generated
