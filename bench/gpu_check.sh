@@ -6,7 +6,8 @@
 #      (bench/cuda_kernel_report.py), then
 #      the CUDA tests (tests/test_gpu.cpp --device=cuda: oracle, CPU dropout masks,
 #      Halide device buffers, the caller's context and stream, device out of
-#      memory), then the kernel-fault test in a process of its own
+#      memory), then the kernel-fault test in a process of its own, then the NCCL
+#      ring on one rank (when Open MPI is installed here)
 #   2. compute-sanitizer on one small shape: racecheck with the d=64 variants and
 #      d=80's default (its head dim leaves some staging threads idle), memcheck
 #      with the defaults for d=64, 80 and 128
@@ -91,6 +92,15 @@ if [ "$DEVICE" = cuda ]; then
     # A kernel fault breaks the process's CUDA context: its test runs alone.
     check fault "$TESTS" --device=cuda --no-skip --test-case="CUDA: a kernel fault*" --success
     grep -E "faulting call|unusable|test cases:" "$OUT/fault.log" | head -4 | tee -a "$OUT/summary.txt"
+    # The NCCL ring (attend::dist on CUDA tensors) on one rank: needs Open MPI's
+    # libraries on this machine (libopenmpi-dev openmpi-bin).
+    DIST_TESTS="$BUILD/tests/attend_dist_tests"
+    if [ -x "$DIST_TESTS" ] && ! ldd "$DIST_TESTS" | grep -q "not found"; then
+        OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 check nccl_ring "$DIST_TESTS" --test-case="*NCCL*" --success
+        grep -E "skipped|test cases:" "$OUT/nccl_ring.log" | head -3 | tee -a "$OUT/summary.txt"
+    else
+        echo "nccl_ring: not run ($DIST_TESTS missing, or Open MPI/NCCL libraries missing here)" | tee -a "$OUT/summary.txt"
+    fi
 
     step "2. compute-sanitizer (small shape, causal)"
     SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"

@@ -4,6 +4,10 @@
 // within the merge bound (each of its query chunks merges at most 2P parts).
 #define DOCTEST_CONFIG_IMPLEMENT
 #include "attend/dist.hpp"
+#if ATTEND_DIST_NCCL
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+#endif
 #include "low_precision.hpp"
 
 using namespace attend;
@@ -221,6 +225,117 @@ TEST_CASE("a bad shard on one rank: every rank throws its message, nothing writt
     CHECK_THROWS_WITH_AS(dist::ring_forward(a, b, c, nullptr, d, nullptr, MPI_COMM_WORLD, {}, Layout::ZigZag),
                          doctest::Contains("n and m must be even"), std::invalid_argument);
 }
+
+#if ATTEND_DIST_NCCL
+namespace {
+
+// A host tensor's copy in device memory, and its DLTensor there.
+struct OnDevice {
+    void *data = nullptr;
+    std::vector<int64_t> shape, strides;
+    DLDataType dtype{};
+    template <class T>
+    explicit OnDevice(const Tensor<T> &host) : shape(host.shape), strides(host.strides), dtype(host.dtype) {
+        REQUIRE(cudaMalloc(&data, host.storage.size() * sizeof(T)) == cudaSuccess);
+        REQUIRE(cudaMemcpy(data, host.storage.data(), host.storage.size() * sizeof(T), cudaMemcpyHostToDevice) ==
+                cudaSuccess);
+    }
+    ~OnDevice() { cudaFree(data); }
+    OnDevice(const OnDevice &) = delete;
+    OnDevice &operator=(const OnDevice &) = delete;
+    DLTensor dl() {
+        DLTensor t{};
+        t.data = data;
+        t.device = {kDLCUDA, rank_of()};
+        t.ndim = int(shape.size());
+        t.dtype = dtype;
+        t.shape = shape.data();
+        t.strides = strides.data();
+        return t;
+    }
+    template <class T>
+    void copy_to(Tensor<T> &host) const {
+        REQUIRE(cudaMemcpy(host.storage.data(), data, host.storage.size() * sizeof(T), cudaMemcpyDeviceToHost) ==
+                cudaSuccess);
+    }
+};
+
+}  // namespace
+
+TEST_CASE("the NCCL ring on CUDA tensors: causal, a mask with fully masked rows, dropout, zig-zag (one GPU a "
+          "rank: skipped without)") {
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess) devices = 0;
+    int fewest = 0;
+    MPI_Allreduce(&devices, &fewest, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    if (fewest < ranks_of()) {
+        MESSAGE("skipped: " << fewest << " CUDA devices for " << ranks_of() << " ranks (NCCL needs one a rank)");
+        return;
+    }
+    REQUIRE(cudaSetDevice(rank_of()) == cudaSuccess);
+    ncclUniqueId id{};
+    if (rank_of() == 0) REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
+    MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD);
+    ncclComm_t nccl = nullptr;
+    REQUIRE(ncclCommInitRank(&nccl, ranks_of(), id, rank_of()) == ncclSuccess);
+    cudaStream_t stream = nullptr;
+    REQUIRE(cudaStreamCreate(&stream) == cudaSuccess);
+    const int P = ranks_of();
+    const Layout layout = Layout::ZigZag;
+    std::vector<DType> dtypes{DType::Float32};
+    for (DType dtype : built_16bit_dtypes()) dtypes.push_back(dtype);
+    for (DType dtype : dtypes) {
+        RingCase c = ring_cases()[2];  // causal, mask with fully masked rows, dropout, offsets
+        Problem whole = make_problem(c.spec, c.options);
+        whole.mask = mask_with_masked_rows(c.spec.m);
+        if (dtype != DType::Float32) round_inputs(whole, dtype);
+        const Expected expected = whole.expected();
+        auto mask_shard = shard_of(*whole.mask, 1, layout);
+        auto lse_shard = local_like(*whole.lse, 2);
+        OnDevice mask(mask_shard), lse(lse_shard);
+        std::vector<float> got;
+        auto run = [&](auto q_host, auto k_host, auto v_host, auto out_host) {
+            OnDevice q(q_host), k(k_host), v(v_host), out(out_host);
+            DLTensor tq = q.dl(), tk = k.dl(), tv = v.dl(), tmask = mask.dl(), tout = out.dl(), tlse = lse.dl();
+            dist::ring_forward(tq, tk, tv, &tmask, tout, &tlse, MPI_COMM_WORLD, nccl, stream, c.options, layout);
+            REQUIRE(cudaStreamSynchronize(stream) == cudaSuccess);
+            out.copy_to(out_host);
+            lse.copy_to(lse_shard);
+            return out_host;
+        };
+        if (dtype == DType::Float32) {
+            got = run(shard_of(whole.q, 2, layout), shard_of(whole.k, 2, layout), shard_of(whole.v, 2, layout),
+                      local_like(whole.out, 2))
+                      .dense();
+        } else {
+            for (uint16_t bits : run(shard_of(to_dtype(whole.q, dtype), 2, layout),
+                                     shard_of(to_dtype(whole.k, dtype), 2, layout),
+                                     shard_of(to_dtype(whole.v, dtype), 2, layout),
+                                     local_like(to_dtype(whole.out, dtype), 2))
+                                     .dense()) {
+                got.push_back(bits_to_float(bits, dtype));
+            }
+        }
+        const auto &s = whole.shape;
+        const auto want = my_rows(as_tensor({s.b, s.h, s.n, s.dv}, expected), layout);
+        double max_v = 0;
+        for (float x : whole.v.storage) max_v = std::max(max_v, double(std::fabs(x)));
+        const double rounding = dtype == DType::Float32 ? 0.0 : 2.0 * unit_roundoff(dtype) * max_v;
+        const double tolerance = merge_tolerance(whole, expected, 2 * P) + rounding;
+        const auto compared = compare(got, std::vector<double>(want.begin(), want.end()));
+        INFO(to_string(dtype) << ", rank " << rank_of() << ": max error " << compared.max_error << ", tolerance "
+                              << tolerance);
+        CHECK(compared.not_finite == 0);
+        CHECK(compared.max_error <= tolerance);
+        const auto want_lse = my_rows(as_tensor({s.b, s.h, s.n}, expected.lse), layout);
+        Problem local = whole;
+        local.lse = lse_shard;
+        check_lse(local, std::vector<double>(want_lse.begin(), want_lse.end()));
+    }
+    cudaStreamDestroy(stream);
+    ncclCommDestroy(nccl);
+}
+#endif
 
 int main(int argc, char **argv) {
     MPI_Init(&argc, &argv);

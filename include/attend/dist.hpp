@@ -85,4 +85,26 @@ ATTEND_API void ring_forward(const DLTensor &q, const DLTensor &k, const DLTenso
                              const DLTensor &out, const DLTensor *lse, MPI_Comm comm, const Options &options = {},
                              Layout layout = Layout::Contiguous, RingStats *stats = nullptr);
 
+#if defined(ATTEND_DIST_NCCL) && ATTEND_DIST_NCCL
+}  // namespace attend::dist
+// As nccl.h and the CUDA runtime declare them (no include needed here).
+typedef struct ncclComm *ncclComm_t;
+typedef struct CUstream_st *cudaStream_t;
+namespace attend::dist {
+
+// The same over CUDA tensors (built when the CUDA toolkit's NCCL is found;
+// ATTEND_DIST_NCCL is then 1): every tensor on the rank's current CUDA device,
+// k, v and the mask dense in C order (they travel as they are). The shards go
+// around the ring by ncclSend/ncclRecv on `nccl` (the same ranks as `comm`, in
+// the same order; create it as nccl-tests do, its unique id broadcast over
+// MPI) on a stream of the ring's own, while the kernels and the float32 merges
+// run on `stream`, which is ordered after the call when it returns. `comm`
+// agrees on errors as collectively() does. stats: compute_ms is each step's
+// GPU time on `stream`, wait_ms how long after it the step's transfer ended.
+ATTEND_API void ring_forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const DLTensor *mask,
+                             const DLTensor &out, const DLTensor *lse, MPI_Comm comm, ncclComm_t nccl,
+                             cudaStream_t stream, const Options &options = {}, Layout layout = Layout::Contiguous,
+                             RingStats *stats = nullptr);
+#endif
+
 }  // namespace attend::dist
