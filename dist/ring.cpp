@@ -135,15 +135,14 @@ void ring_forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const
     const std::vector<Chunk> &query_chunks = plan.query_chunks;
 
     // This rank's keys, values and mask, packed dense: what travels. Only the kv heads.
-    const int64_t b = mine.b, hk = mine.kv_heads, m = mine.m, d = mine.d, dv = mine.dv;
-    const size_t element = element_bytes(q);
-    const size_t k_bytes = size_t(b * hk * m * d) * element, v_bytes = size_t(b * hk * m * dv) * element;
-    const size_t mask_bytes = mask ? size_t(b * m) : 0;
+    const int64_t b = mine.b, dv = mine.dv;
+    const DLDevice host{kDLCPU, 0};
     std::vector<uint8_t> buffers[2];
-    for (auto &buffer : buffers) buffer.resize(k_bytes + v_bytes + mask_bytes);
-    convert(View(k).as_4d(), View({b, hk, m, d}, k.dtype, buffers[0].data()));
-    convert(View(v).as_4d(), View({b, hk, m, dv}, v.dtype, buffers[0].data() + k_bytes));
-    if (mask) convert(View(*mask), View({b, m}, mask->dtype, buffers[0].data() + k_bytes + v_bytes));
+    for (auto &buffer : buffers) buffer.resize(shard_in(nullptr, mine, k, v, mask, host).bytes);
+    const Shard own = shard_in(buffers[0].data(), mine, k, v, mask, host);
+    convert(View(k).as_4d(), own.keys);
+    convert(View(v).as_4d(), own.values);
+    if (mask) convert(View(*mask), own.mask);
 
     // Per query chunk: the merged attention so far (float32) and its key count.
     const DType dtype = *dlpack::dtype_of(q.dtype);
@@ -158,16 +157,14 @@ void ring_forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const
         mc.out.resize(size_t(b * mine.h * chunk_rows * dv));
         mc.lse.resize(size_t(b * mine.h * chunk_rows));
     }
-    std::vector<uint8_t> part_storage(size_t(b * mine.h * chunk_rows * dv) * element);
+    std::vector<uint8_t> part_storage(size_t(b * mine.h * chunk_rows * dv) * element_bytes(q));
     std::vector<float> part_f32(dtype == DType::Float32 ? 0 : size_t(b * mine.h * chunk_rows * dv)),
         part_lse(size_t(b * mine.h * chunk_rows));
     const View q_view(q);
 
     // Query chunk qc against the key chunks of the shard of `owner`, in `buffer`.
-    auto attend_shard = [&](const uint8_t *buffer, int owner) {
-        const View keys({b, hk, m, d}, k.dtype, const_cast<uint8_t *>(buffer)),
-            values({b, hk, m, dv}, v.dtype, const_cast<uint8_t *>(buffer + k_bytes)),
-            key_mask = mask ? View({b, m}, mask->dtype, const_cast<uint8_t *>(buffer + k_bytes + v_bytes)) : View();
+    auto attend_shard = [&](uint8_t *buffer, int owner) {
+        const Shard shard = shard_in(buffer, mine, k, v, mask, host);
         for_each_pair(plan, options, layout, owner, [&](const Pair &pair) {
             Merged &mc = merged[pair.query_chunk];
             const bool first_part = mc.keys == 0;
@@ -175,13 +172,7 @@ void ring_forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const
             const View part_out = first_part && dtype == DType::Float32 ? View(out_shape, f32, mc.out.data())
                                                                         : View(out_shape, q.dtype, part_storage.data());
             const View lse_out(lse_shape, f32, first_part ? mc.lse.data() : part_lse.data());
-            const View q_rows = q_view.slice(2, pair.local_row, pair.rows),
-                       k_rows = keys.slice(2, pair.local_key, pair.keys),
-                       v_rows = values.slice(2, pair.local_key, pair.keys);
-            const View mask_rows = mask ? key_mask.slice(1, pair.local_key, pair.keys) : View();
-            const DLTensor tq = q_rows.dl(), tk = k_rows.dl(), tv = v_rows.dl(), tmask = mask_rows.dl(),
-                           tout = part_out.dl(), tlse = lse_out.dl();
-            forward(tq, tk, tv, mask ? &tmask : nullptr, tout, &tlse, pair.options);
+            forward_pair(q_view, shard, pair, part_out, lse_out, pair.options);
             const View merged_out(out_shape, f32, mc.out.data()), merged_lse(lse_shape, f32, mc.lse.data());
             if (first_part) {
                 if (dtype != DType::Float32) convert(part_out, merged_out);

@@ -117,21 +117,21 @@ void ring_forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const
         });
     const int rank = plan.rank, ranks = plan.ranks;
     const CallShape &mine = plan.shape;
-    const int64_t b = mine.b, h = mine.h, hk = mine.kv_heads, m = mine.m, d = mine.d, dv = mine.dv;
+    const int64_t b = mine.b, h = mine.h, dv = mine.dv;
     const DType dtype = *dlpack::dtype_of(q.dtype);
     const size_t element = element_bytes(q);
-    const size_t k_bytes = size_t(b * hk * m * d) * element, v_bytes = size_t(b * hk * m * dv) * element;
-    const size_t mask_bytes = mask ? size_t(b * m) : 0, shard_bytes = k_bytes + v_bytes + mask_bytes;
 
-    // Two shard buffers (double-buffered), this rank's own packed into the first.
+    // Two shard buffers (double-buffered), this rank's own packed into the first
+    // (k, v and mask are dense: one copy each).
+    const size_t shard_bytes = shard_in(nullptr, mine, k, v, mask, q.device).bytes;
     DeviceBuffer buffers[2] = {DeviceBuffer(shard_bytes), DeviceBuffer(shard_bytes)};
-    check_cuda(cudaMemcpyAsync(buffers[0].data, first_element(k), k_bytes, cudaMemcpyDeviceToDevice, stream), "packing k");
-    check_cuda(cudaMemcpyAsync(buffers[0].data + k_bytes, first_element(v), v_bytes, cudaMemcpyDeviceToDevice, stream),
-               "packing v");
-    if (mask) {
-        check_cuda(cudaMemcpyAsync(buffers[0].data + k_bytes + v_bytes, first_element(*mask), mask_bytes,
-                                   cudaMemcpyDeviceToDevice, stream),
-                   "packing the mask");
+    const Shard own = shard_in(buffers[0].data, mine, k, v, mask, q.device);
+    for (auto [from, to] : {std::pair<const DLTensor *, const View *>{&k, &own.keys}, {&v, &own.values},
+                            {mask, &own.mask}}) {
+        if (!from) continue;
+        const size_t bytes = size_t(to->numel()) * to->bytes();
+        check_cuda(cudaMemcpyAsync(to->data, first_element(*from), bytes, cudaMemcpyDeviceToDevice, stream),
+                   "packing the shard");
     }
 
     // Per query chunk: the merged attention so far (float32, on the device) and its key count.
@@ -149,31 +149,18 @@ void ring_forward(const DLTensor &q, const DLTensor &k, const DLTensor &v, const
     const DLDataType f32{kDLFloat, 32, 1};
     const View q_view(q);
 
-    auto attend_shard = [&](const uint8_t *buffer, int owner) {
-        auto on_device = [&](View view) {
-            view.device = q.device;
-            return view;
-        };
-        uint8_t *shard = const_cast<uint8_t *>(buffer);
-        const View keys = on_device(View({b, hk, m, d}, k.dtype, shard)),
-                   values = on_device(View({b, hk, m, dv}, v.dtype, shard + k_bytes)),
-                   key_mask = mask ? on_device(View({b, m}, mask->dtype, shard + k_bytes + v_bytes)) : View();
+    auto attend_shard = [&](uint8_t *buffer, int owner) {
+        const Shard shard = shard_in(buffer, mine, k, v, mask, q.device);
         for_each_pair(plan, options, layout, owner, [&](const Pair &pair) {
             Merged &mc = merged[pair.query_chunk];
             const bool first_part = mc.keys == 0, into_merged = first_part && dtype == DType::Float32;
             const std::vector<int64_t> out_shape{b, h, pair.rows, dv}, lse_shape{b, h, pair.rows};
-            const View part_out = on_device(into_merged ? View(out_shape, f32, mc.out.data)
-                                                        : View(out_shape, q.dtype, part.data));
-            const View lse_out = on_device(View(lse_shape, f32, into_merged ? mc.lse.data : part_lse.data));
-            const View q_rows = q_view.slice(2, pair.local_row, pair.rows),
-                       k_rows = keys.slice(2, pair.local_key, pair.keys),
-                       v_rows = values.slice(2, pair.local_key, pair.keys);
-            const View mask_rows = mask ? key_mask.slice(1, pair.local_key, pair.keys) : View();
-            const DLTensor tq = q_rows.dl(), tk = k_rows.dl(), tv = v_rows.dl(), tmask = mask_rows.dl(),
-                           tout = part_out.dl(), tlse = lse_out.dl();
+            View part_out = into_merged ? View(out_shape, f32, mc.out.data) : View(out_shape, q.dtype, part.data);
+            View lse_out(lse_shape, f32, into_merged ? mc.lse.data : part_lse.data);
+            part_out.device = lse_out.device = q.device;
             Options o = pair.options;
             o.cuda_stream = stream;
-            forward(tq, tk, tv, mask ? &tmask : nullptr, tout, &tlse, o);
+            forward_pair(q_view, shard, pair, part_out, lse_out, o);
             if (!into_merged) {
                 check_cuda(merge_on_device(element_code(dtype), reinterpret_cast<float *>(mc.out.data),
                                            reinterpret_cast<float *>(mc.lse.data), mc.keys, part.data,

@@ -144,4 +144,29 @@ RingPlan plan_ring(MPI_Comm comm, const DLTensor &q, const DLTensor &k, const DL
     return plan;
 }
 
+Shard shard_in(uint8_t *buffer, const CallShape &shape, const DLTensor &k, const DLTensor &v, const DLTensor *mask,
+               DLDevice device) {
+    const int64_t b = shape.b, hk = shape.kv_heads, m = shape.m;
+    const size_t k_bytes = size_t(b * hk * m * shape.d) * element_bytes(k);
+    const size_t v_bytes = size_t(b * hk * m * shape.dv) * element_bytes(v);
+    Shard s;
+    s.keys = View({b, hk, m, shape.d}, k.dtype, buffer);
+    s.values = View({b, hk, m, shape.dv}, v.dtype, buffer + k_bytes);
+    if (mask) s.mask = View({b, m}, mask->dtype, buffer + k_bytes + v_bytes);
+    s.bytes = k_bytes + v_bytes + (mask ? size_t(b * m) : 0);
+    s.keys.device = s.values.device = s.mask.device = device;
+    return s;
+}
+
+void forward_pair(const View &q, const Shard &shard, const Pair &pair, const View &out, const View &lse,
+                  const Options &options) {
+    const bool masked = !shard.mask.shape.empty();
+    const View q_rows = q.slice(2, pair.local_row, pair.rows), k_rows = shard.keys.slice(2, pair.local_key, pair.keys),
+               v_rows = shard.values.slice(2, pair.local_key, pair.keys),
+               mask_rows = masked ? shard.mask.slice(1, pair.local_key, pair.keys) : View();
+    const DLTensor tq = q_rows.dl(), tk = k_rows.dl(), tv = v_rows.dl(), tmask = mask_rows.dl(), tout = out.dl(),
+                   tlse = lse.dl();
+    forward(tq, tk, tv, masked ? &tmask : nullptr, tout, &tlse, options);
+}
+
 }  // namespace attend::dist::detail

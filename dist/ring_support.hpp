@@ -187,4 +187,18 @@ void for_each_pair(const RingPlan &plan, const Options &options, Layout layout, 
     }
 }
 
+// A shard as it travels: k [b, hk, m, d], v [b, hk, m, dv] and the mask [b, m]
+// packed dense, one after the other, in `buffer` (host or device memory).
+struct Shard {
+    View keys, values, mask;  // mask: empty without one
+    size_t bytes = 0;         // of the three
+};
+Shard shard_in(uint8_t *buffer, const CallShape &shape, const DLTensor &k, const DLTensor &v, const DLTensor *mask,
+               DLDevice device);
+
+// One pair's forward(): q's rows of the pair's query chunk against the pair's
+// keys of the shard, into out [b, h, rows, dv] and lse [b, h, rows].
+void forward_pair(const View &q, const Shard &shard, const Pair &pair, const View &out, const View &lse,
+                  const Options &options);
+
 }  // namespace attend::dist::detail
