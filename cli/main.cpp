@@ -325,6 +325,23 @@ struct MpiSession {
     MpiSession &operator=(const MpiSession &) = delete;
 };
 
+dist::Layout parse_layout(const std::string &name) {
+    if (name != "contiguous" && name != "zigzag") {
+        throw BadInput("--layout: expected contiguous or zigzag, got '" + name + "'");
+    }
+    return name == "zigzag" ? dist::Layout::ZigZag : dist::Layout::Contiguous;
+}
+
+// Throws unless a sequence of `length` positions divides into the layout's equal chunks on `ranks` ranks.
+void check_divides(const char *option, int64_t length, const std::string &layout, int ranks) {
+    const int64_t parts = parse_layout(layout) == dist::Layout::ZigZag ? 2 * int64_t(ranks) : ranks;
+    if (length % parts != 0) {
+        throw BadInput(std::string(option) + ": its sequence of " + std::to_string(length) + " does not divide into " +
+                       std::to_string(parts) + " equal chunks (--layout " + layout + " on " + std::to_string(ranks) +
+                       " ranks)");
+    }
+}
+
 // attend run --ring: every rank reads the inputs and keeps its shard of the
 // sequence (in --layout), ring_forward computes each rank's rows, rank 0
 // gathers and writes them. Each step's errors are agreed by every rank.
@@ -346,25 +363,16 @@ void ring_run_on(const RunArgs &a, MPI_Comm comm, int rank, int ranks) {
         };
     };
     dist::collectively(comm, as_bad_input([&] {
-        if (a.layout != "contiguous" && a.layout != "zigzag") {
-            throw BadInput("--layout: expected contiguous or zigzag, got '" + a.layout + "'");
-        }
-        layout = a.layout == "zigzag" ? dist::Layout::ZigZag : dist::Layout::Contiguous;
+        layout = parse_layout(a.layout);
         if (!a.dout.empty() || !a.dq.empty() || !a.dk.empty() || !a.dv.empty()) {
             throw BadInput("--ring: runs the forward only (no --dout, --dq, --dk, --dv)");
         }
         if (a.device != "cpu") throw BadInput("--ring: runs on the CPU only (--device cpu)");
         c = prepare_run(a);
-        const int64_t parts = layout == dist::Layout::ZigZag ? 2 * int64_t(ranks) : ranks;
-        const int k_dim = c.k.shape.size() == 3 ? 1 : key_dim;
         if (c.k.shape.size() < 3) throw BadInput("--k: expected 3 or 4 dims");
-        for (auto [option, length] : {std::pair<const char *, int64_t>{"--q", c.q.shape[2]}, {"--k", c.k.shape[size_t(k_dim)]}}) {
-            if (length % parts != 0) {
-                throw BadInput(std::string(option) + ": its sequence of " + std::to_string(length) +
-                               " does not divide into " + std::to_string(parts) + " equal chunks (--layout " +
-                               a.layout + " on " + std::to_string(ranks) + " ranks)");
-            }
-        }
+        const int k_dim = c.k.shape.size() == 3 ? 1 : key_dim;
+        check_divides("--q", c.q.shape[2], a.layout, ranks);
+        check_divides("--k", c.k.shape[size_t(k_dim)], a.layout, ranks);
         // This rank's shard of an array whose dim `dim` is the sequence.
         auto shard_of = [&](npy::Array &whole, int dim) {
             npy::Array local = whole;
@@ -489,20 +497,13 @@ Halide::Runtime::Buffer<void> on_device(const std::vector<unsigned char> &host, 
 // and step by step), and a JSON line.
 void ring_bench_on(const BenchArgs &a, MPI_Comm comm, int rank, int ranks) {
     if (a.backward || a.device != "cpu") throw BadInput("--ring: times the forward on the CPU (no --backward, --device)");
-    if (a.layout != "contiguous" && a.layout != "zigzag") {
-        throw BadInput("--layout: expected contiguous or zigzag, got '" + a.layout + "'");
-    }
-    const dist::Layout layout = a.layout == "zigzag" ? dist::Layout::ZigZag : dist::Layout::Contiguous;
+    const dist::Layout layout = parse_layout(a.layout);
     if (a.repeats < 1) throw BadInput("--repeats: expected at least 1");
     const int64_t dv = a.dv < 0 ? a.d : a.dv, kv_heads = a.kv_heads < 0 ? a.h : a.kv_heads;
     if (kv_heads < 1) throw BadInput("--kv-heads: --ring takes 4-D k and v (at least 1 kv head)");
-    const int64_t parts = layout == dist::Layout::ZigZag ? 2 * int64_t(ranks) : ranks;
     for (auto [name, value] : {std::pair{"--n", a.n}, {"--m", a.m}}) {
-        if (value < 1 || value % parts != 0) {
-            throw BadInput(std::string(name) + ": " + std::to_string(value) + " does not divide into " +
-                           std::to_string(parts) + " equal chunks (--layout " + a.layout + " on " +
-                           std::to_string(ranks) + " ranks)");
-        }
+        if (value < 1) throw BadInput(std::string(name) + ": expected a positive size, got " + std::to_string(value));
+        check_divides(name, value, a.layout, ranks);
     }
     const int64_t n = a.n / ranks, m = a.m / ranks;  // this rank's
     std::vector<int64_t> q_shape{a.b, a.h, n, a.d}, k_shape{a.b, kv_heads, m, a.d}, v_shape{a.b, kv_heads, m, dv},

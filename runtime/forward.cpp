@@ -185,7 +185,6 @@ void run_forward_call(const Problem &p, const Options &options) {
     }
 }
 
-
 float load(const void *data, int64_t offset, DType dtype) {
     if (dtype == DType::Float32) return static_cast<const float *>(data)[offset];
     return bits_to_float(static_cast<const uint16_t *>(data)[offset], dtype);

@@ -8,6 +8,7 @@
 // Every piece keeps global positions through its offsets, so masks, causal and
 // dropout see the whole call.
 #include <algorithm>
+#include <array>
 #include <atomic>
 
 #include "internal.hpp"
@@ -31,15 +32,12 @@ struct Sized {
     Kind kind;
 };
 
-// The call's tensors that a kernel sees, by kind.
-std::vector<Sized> kernel_tensors(const Problem &p, Operation op) {
-    std::vector<Sized> all{{&p.q, Kind::PerRow}, {&p.out, Kind::PerRow}, {&p.lse, Kind::PerRow},
-                           {&p.k, Kind::PerKey}, {&p.v, Kind::PerKey},   {&p.mask, Kind::Mask}};
-    if (op == Operation::Backward) {
-        all.insert(all.end(), {{&p.dout, Kind::PerRow}, {&p.grad_q, Kind::PerRow}, {&p.grad_k, Kind::PerKey},
-                               {&p.grad_v, Kind::PerKey}});
-    }
-    return all;
+// The call's tensors that a kernel sees, by kind (the backward's are absent,
+// not present, in a forward call). No allocation: this runs on every call.
+std::array<Sized, 10> kernel_tensors(const Problem &p) {
+    return {{{&p.q, Kind::PerRow}, {&p.out, Kind::PerRow}, {&p.lse, Kind::PerRow}, {&p.dout, Kind::PerRow},
+             {&p.grad_q, Kind::PerRow}, {&p.k, Kind::PerKey}, {&p.v, Kind::PerKey}, {&p.grad_k, Kind::PerKey},
+             {&p.grad_v, Kind::PerKey}, {&p.mask, Kind::Mask}}};
 }
 
 // The kv heads of a piece's heads: whole groups, or the one group they are part of.
@@ -74,9 +72,9 @@ int64_t kernel_span(const TensorView &t, const int64_t (&shape)[4], int64_t dens
 
 // The first of the call's tensors whose view in a piece of extents e the
 // kernels cannot index (null if none), and its span.
-const TensorView *too_large(const Problem &p, Operation op, const Piece &e, int64_t *span = nullptr) {
+const TensorView *too_large(const Problem &p, const Piece &e, int64_t *span = nullptr) {
     const int64_t width = p.selection.padded ? p.selection.kernel->head_dim : 0;
-    for (const Sized &s : kernel_tensors(p, op)) {
+    for (const Sized &s : kernel_tensors(p)) {
         if (!s.t->present) continue;
         int64_t shape[4];
         piece_shape(*s.t, s.kind, e, p.group(), shape);
@@ -128,13 +126,13 @@ std::vector<Piece> plan_pieces(const Problem &p, Operation op) {
         if (bound_kv_sums && kv_heads > 1 && kv_heads * p.m * sum_width * int64_t(sizeof(float)) > kMaxKvSumBytes) {
             return false;
         }
-        return too_large(p, op, e) == nullptr;
+        return too_large(p, e) == nullptr;
     };
     if (fits(whole)) return {whole};
 
     int64_t span = 0;
-    if (const TensorView *t = too_large(p, op, whole, &span)) {
-        for (const Sized &s : kernel_tensors(p, op)) {
+    if (const TensorView *t = too_large(p, whole, &span)) {
+        for (const Sized &s : kernel_tensors(p)) {
             if (s.t->present && !host_readable(*s.t)) {
                 fail(span_text(*t, span) + " is more than the kernels' 32-bit indexing (2147483647) allows: such a "
                      "call runs in pieces, which needs host tensors (" + s.t->name + " is on a device)");
@@ -150,7 +148,7 @@ std::vector<Piece> plan_pieces(const Problem &p, Operation op) {
         e.heads = group * largest(p.kv_heads, [&](int64_t x) { return fits({0, 1, 0, x * group, 0, p.n, 0, p.m}); });
     }
     if (e.heads == 0 && op == Operation::Backward) {  // dk and dv sum over a group's heads: never split
-        const TensorView *t = too_large(p, op, {0, 1, 0, group, 0, p.n, 0, p.m}, &span);
+        const TensorView *t = too_large(p, {0, 1, 0, group, 0, p.n, 0, p.m}, &span);
         fail(span_text(*t, span) + " for one batch and one kv head's heads, more than the kernels' 32-bit "
              "indexing (2147483647 elements per view) allows; the backward runs in pieces of whole batches and "
              "groups of heads only");
@@ -158,7 +156,7 @@ std::vector<Piece> plan_pieces(const Problem &p, Operation op) {
     if (e.heads == 0) e.heads = largest(group, [&](int64_t x) { return fits({0, 1, 0, x, 0, p.n, 0, p.m}); });
     if (e.heads == 0) {
         e.heads = 1;
-        if (const TensorView *t = too_large(p, op, {0, 1, 0, 1, 0, 1, 0, 1}, &span)) {
+        if (const TensorView *t = too_large(p, {0, 1, 0, 1, 0, 1, 0, 1}, &span)) {
             fail(span_text(*t, span) + " for one row of one head, more than the kernels' 32-bit indexing "
                  "(2147483647 elements per view) allows");
         }

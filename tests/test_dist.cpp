@@ -112,6 +112,30 @@ Tensor<uint8_t> mask_with_masked_rows(int64_t m) {
     return mask;
 }
 
+// This rank's rows of a ring's out (and lse, when given) against the oracle's
+// rows of the whole call: within the merge bound of 2P parts, plus for 16 bits
+// each part's rounding before its merge and the result's (2u·max|v|).
+void check_my_rows(const std::vector<float> &got, const Tensor<float> *lse, const Problem &whole,
+                   const Expected &expected, Layout layout, DType dtype, const std::string &what) {
+    const auto &s = whole.shape;
+    const auto want = my_rows(as_tensor({s.b, s.h, s.n, s.dv}, expected), layout);
+    double max_v = 0;
+    for (float x : whole.v.storage) max_v = std::max(max_v, double(std::fabs(x)));
+    const double rounding = dtype == DType::Float32 ? 0.0 : 2.0 * unit_roundoff(dtype) * max_v;
+    const double tolerance = merge_tolerance(whole, expected, 2 * ranks_of()) + rounding;
+    const auto compared = compare(got, std::vector<double>(want.begin(), want.end()));
+    INFO("rank " << rank_of() << " of " << ranks_of() << ", " << what << ", " << std::string(name_of(layout))
+                 << ", " << to_string(dtype) << ": max error " << compared.max_error << ", tolerance " << tolerance);
+    CHECK(compared.not_finite == 0);
+    CHECK(compared.max_error <= tolerance);
+    if (lse) {
+        const auto want_lse = my_rows(as_tensor({s.b, s.h, s.n}, expected.lse), layout);
+        Problem local = whole;
+        local.lse = *lse;
+        check_lse(local, std::vector<double>(want_lse.begin(), want_lse.end()));
+    }
+}
+
 }  // namespace
 
 TEST_CASE("chunks_of: contiguous and zig-zag layouts") {
@@ -128,7 +152,6 @@ TEST_CASE("chunks_of: contiguous and zig-zag layouts") {
 
 TEST_CASE("ring_forward equals one forward over the whole sequence: both layouts, causal, masks, dropout, "
           "grouped and multi-query") {
-    const int P = ranks_of();
     for (const RingCase &c : ring_cases()) {
         for (Layout layout : {Layout::Contiguous, Layout::ZigZag}) {
             Problem whole = make_problem(c.spec, c.options);
@@ -143,26 +166,13 @@ TEST_CASE("ring_forward equals one forward over the whole sequence: both layouts
             DLTensor tq = q.dl(), tk = k.dl(), tv = v.dl(), tmask = mask.dl(), tout = out.dl(), tlse = lse.dl();
             dist::ring_forward(tq, tk, tv, &tmask, tout, &tlse, MPI_COMM_WORLD, c.options, layout);
 
-            const auto &s = whole.shape;
-            const auto want = my_rows(as_tensor({s.b, s.h, s.n, s.dv}, expected), layout);
-            const double tolerance = merge_tolerance(whole, expected, 2 * P);
-            const auto compared = compare(out.dense(), std::vector<double>(want.begin(), want.end()));
-            INFO("rank " << rank_of() << " of " << P << ", " << std::string(c.what) << ", "
-                         << std::string(name_of(layout)) << ": max error " << compared.max_error << ", tolerance "
-                         << tolerance);
-            CHECK(compared.not_finite == 0);
-            CHECK(compared.max_error <= tolerance);
-            const auto want_lse = my_rows(as_tensor({s.b, s.h, s.n}, expected.lse), layout);
-            Problem local = whole;
-            local.lse = lse;
-            check_lse(local, std::vector<double>(want_lse.begin(), want_lse.end()));
+            check_my_rows(out.dense(), &lse, whole, expected, layout, DType::Float32, c.what);
         }
     }
 }
 
 TEST_CASE("ring_forward in 16 bits: within the merge bound and each part's rounding") {
     for (DType dtype : built_16bit_dtypes()) {
-        const int P = ranks_of();
         RingCase c = ring_cases()[2];  // causal, mask with fully masked rows, dropout
         Problem whole = make_problem(c.spec, c.options);
         whole.mask = mask_with_masked_rows(c.spec.m);
@@ -175,19 +185,9 @@ TEST_CASE("ring_forward in 16 bits: within the merge bound and each part's round
         auto out = local_like(to_dtype(whole.out, dtype), 2);
         DLTensor tq = q.dl(), tk = k.dl(), tv = v.dl(), tmask = mask.dl(), tout = out.dl();
         dist::ring_forward(tq, tk, tv, &tmask, tout, nullptr, MPI_COMM_WORLD, c.options, Layout::ZigZag);
-        const auto &s = whole.shape;
-        const auto want = my_rows(as_tensor({s.b, s.h, s.n, s.dv}, expected), Layout::ZigZag);
-        // Each part's out is rounded to the dtype before its merge, the result once more.
-        double max_v = 0;
-        for (float x : whole.v.storage) max_v = std::max(max_v, double(std::fabs(x)));
-        const double tolerance = merge_tolerance(whole, expected, 2 * P) + 2.0 * unit_roundoff(dtype) * max_v;
         std::vector<float> got;
         for (uint16_t bits : out.dense()) got.push_back(bits_to_float(bits, dtype));
-        const auto compared = compare(got, std::vector<double>(want.begin(), want.end()));
-        INFO(to_string(dtype) << ", rank " << rank_of() << ": max error " << compared.max_error << ", tolerance "
-                              << tolerance);
-        CHECK(compared.not_finite == 0);
-        CHECK(compared.max_error <= tolerance);
+        check_my_rows(got, nullptr, whole, expected, Layout::ZigZag, dtype, c.what);
     }
 }
 
@@ -280,7 +280,6 @@ TEST_CASE("the NCCL ring on CUDA tensors: causal, a mask with fully masked rows,
     REQUIRE(ncclCommInitRank(&nccl, ranks_of(), id, rank_of()) == ncclSuccess);
     cudaStream_t stream = nullptr;
     REQUIRE(cudaStreamCreate(&stream) == cudaSuccess);
-    const int P = ranks_of();
     const Layout layout = Layout::ZigZag;
     std::vector<DType> dtypes{DType::Float32};
     for (DType dtype : built_16bit_dtypes()) dtypes.push_back(dtype);
@@ -316,21 +315,7 @@ TEST_CASE("the NCCL ring on CUDA tensors: causal, a mask with fully masked rows,
                 got.push_back(bits_to_float(bits, dtype));
             }
         }
-        const auto &s = whole.shape;
-        const auto want = my_rows(as_tensor({s.b, s.h, s.n, s.dv}, expected), layout);
-        double max_v = 0;
-        for (float x : whole.v.storage) max_v = std::max(max_v, double(std::fabs(x)));
-        const double rounding = dtype == DType::Float32 ? 0.0 : 2.0 * unit_roundoff(dtype) * max_v;
-        const double tolerance = merge_tolerance(whole, expected, 2 * P) + rounding;
-        const auto compared = compare(got, std::vector<double>(want.begin(), want.end()));
-        INFO(to_string(dtype) << ", rank " << rank_of() << ": max error " << compared.max_error << ", tolerance "
-                              << tolerance);
-        CHECK(compared.not_finite == 0);
-        CHECK(compared.max_error <= tolerance);
-        const auto want_lse = my_rows(as_tensor({s.b, s.h, s.n}, expected.lse), layout);
-        Problem local = whole;
-        local.lse = lse_shard;
-        check_lse(local, std::vector<double>(want_lse.begin(), want_lse.end()));
+        check_my_rows(got, &lse_shard, whole, expected, layout, dtype, std::string("NCCL, ") + c.what);
     }
     cudaStreamDestroy(stream);
     ncclCommDestroy(nccl);
