@@ -465,7 +465,7 @@ struct BenchArgs {
     int64_t b = 2, h = 8, n = 1024, m = 1024, d = 64, dv = -1, kv_heads = -1;
     bool causal = false, mask = false, json = false, backward = false, ring = false;
     std::string layout = "contiguous";  // --ring
-    int repeats = 10, key_splits = 0;
+    int repeats = 10, key_splits = 0, query_splits = 0;
     std::string device = "cpu", kernel, isa = "auto", dtype = "float32";
 };
 
@@ -636,6 +636,7 @@ int bench_command(const BenchArgs &a) {
     options.cpu_isa = parse_isa(a.isa);
     options.device = device;
     options.key_splits = a.key_splits;
+    options.query_splits = a.query_splits;
     Options forward_options = options;  // --backward's one forward: the kernel that select_kernel picks
     forward_options.kernel.clear();
     std::vector<double> ms;
@@ -1266,6 +1267,8 @@ int main(int argc, char **argv) {
     bench_cmd->add_option("--isa", bench.isa, "cap the CPU instruction set");
     bench_cmd->add_option("--dtype", bench.dtype, "float32, float16 or bfloat16");
     bench_cmd->add_option("--key-splits", bench.key_splits, "chunks of keys run in parallel (GPU); 0: automatic");
+    bench_cmd->add_option("--query-splits", bench.query_splits,
+                          "CPU: tasks the query rows of one head run as; 0: automatic");
     bench_cmd->add_flag("--json", bench.json, "print a JSON object as the last line");
     bench_cmd->add_flag("--ring", bench.ring,
                         "under mpirun: time ring attention over the ranks (--n, --m: the whole sequence), with each "

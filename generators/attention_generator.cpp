@@ -47,6 +47,12 @@ public:
     GeneratorParam<int> score_cols{"score_cols", 4};
     GeneratorParam<int> pv_row_vectors{"pv_row_vectors", 3};
     GeneratorParam<int> pv_cols{"pv_cols", 4};
+    // CPU, with a head_dim: each task copies v, widened to float32, into panels
+    // of one SIMD vector of columns, keys consecutive within a panel, which the
+    // P·V register tiles read with unit stride (the copy is made once per task
+    // and read by all of its tiles; see schedule_cpu). It pays with a P·V tile
+    // of few columns (tuning/cpu.json: AVX2's 4 x 2); with 4 columns it did not.
+    GeneratorParam<bool> v_panels{"v_panels", false};
 
     // Schedule knob (GPU targets; query_tile and key_block above set the tiles):
     // true puts the rows of a tile on the lanes of one warp, so the per-row state
@@ -107,6 +113,11 @@ public:
     // merged at the end (the same log-sum-exp merge): on a GPU the chunks run in
     // parallel, which fills the device when there are few query tiles. 1: one pass.
     Input<int32_t> key_splits{"key_splits"};
+    // CPU: the query tiles of a head run as this many tasks of consecutive tiles
+    // (at most one per tile), each with its own copy of v's panels. Fewer tasks
+    // copy v less and keep a head's k and v in one core's cache; the runtime
+    // picks enough for its threads. Other schedules ignore it.
+    Input<int32_t> query_splits{"query_splits"};
 
     // Two values per (c, i, h, b): the attention, and the log-sum-exp of row i,
     // ln sum_j exp(s_ij) over its unmasked keys (before dropout), -inf when every
@@ -146,10 +157,17 @@ private:
     Func q_scaled{"q_scaled"}, score{"score"}, block_max{"block_max"}, weight{"weight"},
         block_sum{"block_sum"}, block_out{"block_out"}, state{"state"};
     Func masked_score{"masked_score"}, kept_weight{"kept_weight"}, k_block{"k_block"}, v_block{"v_block"};
-    Func partial{"partial"}, merged{"merged"}, row_lse{"row_lse"};
+    Func partial{"partial"}, merged{"merged"}, row_lse{"row_lse"}, v_panel{"v_panel"};
     RDom rc, rj, blocks, splits;
 
     bool generic() const { return head_dim == 0; }
+
+    int cpu_vector_width() const { return vector_width > 0 ? int(vector_width) : natural_vector_size<float>(); }
+
+    // Whether P·V reads v from per-task panels (the CPU's forward kernels with a head_dim).
+    bool uses_v_panels() const {
+        return v_panels && !generic() && !decode && !get_target().has_gpu_feature() && !using_autoscheduler();
+    }
 
     void define_algorithm() {
         const int TQ = query_tile, BK = key_block;
@@ -213,8 +231,19 @@ private:
                                  cast<uint32_t>(key) + cast<uint32_t>(key_offset), drop_threshold);
         kept_weight(ii, jj, kb, io, hq, bb) = select(kept, weight(ii, jj, kb, io, hq, bb), 0.0f);
 
+        // v as panels of W columns, v_panel(lane, key, panel, kb): the keys of a
+        // block side by side in each panel.
         block_out(ii, c, kb, io, hq, bb) = 0.0f;
-        block_out(ii, c, kb, io, hq, bb) += kept_weight(ii, rj, kb, io, hq, bb) * v_block(c, rj, kb, hq, bb);
+        if (uses_v_panels()) {
+            const int W = cpu_vector_width();
+            _halide_user_assert(int(head_dim) % W == 0)
+                << "v_panels: head_dim " << int(head_dim) << " is not a multiple of the vector width " << W;
+            v_panel(e, jj, c, kb, hq, bb) = v_block(c * W + e, jj, kb, hq, bb);
+            block_out(ii, c, kb, io, hq, bb) +=
+                kept_weight(ii, rj, kb, io, hq, bb) * v_panel(c % W, rj, c / W, kb, hq, bb);
+        } else {
+            block_out(ii, c, kb, io, hq, bb) += kept_weight(ii, rj, kb, io, hq, bb) * v_block(c, rj, kb, hq, bb);
+        }
 
         // Causal: key blocks wholly above the diagonal of a tile are skipped, except
         // in tiles that hold a fully masked row (it needs every key, for the
@@ -317,29 +346,36 @@ private:
         key_offset.set_estimate(0);
         all_keys_rows.set_estimate(0);
         key_splits.set_estimate(1);
+        query_splits.set_estimate(1);
     }
 
-    // CPU: one task per (tile of query rows, head, batch); inside it the blocks of
-    // keys run in order, each computing its scores, weights and partial products
-    // into small buffers, with the rows of the tile on the SIMD lanes.
+    // CPU: one task per (run of consecutive tiles of query rows, head, batch),
+    // query_splits runs per head; a task copies v into panels once, then runs its
+    // tiles in turn. In a tile the blocks of keys run in order, each computing its
+    // scores, weights and partial products into small buffers, with the rows of
+    // the tile on the SIMD lanes.
     void schedule_cpu() {
-        const int VW = vector_width > 0 ? int(vector_width) : natural_vector_size<float>();
+        const int VW = cpu_vector_width();
         const int TQ = query_tile;
-        Var task("task");
+        Var task("task"), run("run"), tile("tile");
 
+        Expr tiles = (q.dim(1).extent() + TQ - 1) / TQ;
+        Expr runs = clamp(query_splits, 1, tiles);
+        Expr tiles_per_run = (tiles + runs - 1) / runs;
         out.split(i, io, ii, TQ, TailStrategy::GuardWithIf)
-            .reorder(c, ii, io, hq, bb)
-            .fuse(io, hq, task)
+            .split(io, run, tile, tiles_per_run, TailStrategy::GuardWithIf)
+            .reorder(c, ii, tile, run, hq, bb)
+            .fuse(run, hq, task)
             .fuse(task, bb, task)
             .parallel(task);
         if (!generic()) out.unroll(c);
-        // A task's buffers hold one tile (Halide cannot see that through the tail
+        // A tile's buffers hold one tile (Halide cannot see that through the tail
         // guard): a constant size keeps them off the heap.
-        q_scaled.compute_at(out, task).bound_storage(io, 1).vectorize(ii, VW);
+        q_scaled.compute_at(out, tile).bound_storage(io, 1).vectorize(ii, VW);
 
         // The chunks of keys (one unless the caller asks for more) run in turn.
-        merged.compute_at(out, task).bound_storage(io, 1).vectorize(ii, VW);
-        row_lse.compute_at(out, task).bound_storage(io, 1).vectorize(ii, VW);
+        merged.compute_at(out, tile).bound_storage(io, 1).vectorize(ii, VW);
+        row_lse.compute_at(out, tile).bound_storage(io, 1).vectorize(ii, VW);
         state.compute_at(merged, splits).vectorize(ii, VW);
         if (generic()) {
             merged.update().reorder(ii, c, splits).vectorize(ii, VW);
@@ -363,8 +399,10 @@ private:
             sum.compute_at(block, rows_outer).vectorize(ii, VW).unroll(ii).unroll(col);
             sum.update().reorder(ii, col, r).vectorize(ii, VW).unroll(ii).unroll(col);
         };
-        // Scores, the masks applied as each register tile is stored.
+        // Scores, the masks applied as each register tile is stored; without
+        // a mask or causal, stored as they are.
         register_tiled(masked_score, score, jj, rc, score_row_vectors, score_cols);
+        masked_score.specialize(!causal && !has_mask);
 
         block_max.compute_at(state, blocks).vectorize(ii, VW);
         block_max.update().reorder(ii, rj).vectorize(ii, VW);
@@ -375,15 +413,28 @@ private:
         // Weights times v.
         register_tiled(block_out.in(), block_out, c, rj, pv_row_vectors, pv_cols);
 
-        // 16-bit k and v are widened once per key block, a vector at a time (each
-        // element is then read by every row of the tile), not at every use.
+        // v's panels: copied once per task, for the keys its tiles visit (a
+        // panel's keys read from v's rows, written side by side).
+        if (uses_v_panels()) {
+            v_panel.compute_at(out, task)
+                .bound(e, 0, VW)
+                .bound(c, 0, int(head_dim) / VW)
+                .reorder(e, jj, c, kb)
+                .vectorize(e);
+        }
+
+        // 16-bit k (and v without panels) are widened once per key block, a
+        // vector at a time (each element is then read by every row of the tile),
+        // not at every use.
         if (Type(element_type) != Float(32)) {
             k_block.compute_at(state, blocks)
                 .reorder_storage(c, jj)
                 .reorder(c, jj)
                 .vectorize(c, VW, TailStrategy::GuardWithIf)
                 .store_in(MemoryType::Stack);
-            v_block.compute_at(state, blocks).vectorize(c, VW, TailStrategy::GuardWithIf).store_in(MemoryType::Stack);
+            if (!uses_v_panels()) {
+                v_block.compute_at(state, blocks).vectorize(c, VW, TailStrategy::GuardWithIf).store_in(MemoryType::Stack);
+            }
         }
 
         // One key block each (Halide cannot see it through the chunk arithmetic
@@ -406,7 +457,7 @@ private:
     // P·V over the columns of v. Then one task per (kv head, batch) merges the
     // chunks, and out is copied from the merged states.
     void schedule_cpu_decode() {
-        const int VW = vector_width > 0 ? int(vector_width) : natural_vector_size<float>();
+        const int VW = cpu_vector_width();
         const int D = head_dim;
         _halide_user_assert(D % VW == 0) << "decode: head_dim " << D << " is not a multiple of the vector width " << VW;
         Var task("task"), lane("lane");

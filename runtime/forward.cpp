@@ -45,6 +45,20 @@ int32_t key_splits_for(const Problem &p, const Options &options) {
     return int32_t(std::clamp<int64_t>(std::min(wanted, p.m / kMinChunk), 1, 64));
 }
 
+// How many tasks a CPU forward kernel runs the query rows of one head as. A task
+// runs its tiles in turn with one float32 copy of the head's v (the P·V loops read
+// it with unit stride), k and v staying in the core's cache between its tiles:
+// the fewer tasks the better, as long as every thread has a few (for balance).
+// The kernel takes at most one task per tile.
+int32_t query_splits_for(const Problem &p, const Options &options) {
+    if (options.query_splits > 0) return options.query_splits;
+    const KernelEntry &kernel = *p.selection.kernel;
+    if (kernel.device != Device::CPU || kernel.max_rows != 0) return 1;  // not read
+    const int64_t kTasksPerThread = 4;
+    const int64_t heads = p.h * p.b, wanted = kTasksPerThread * cpu_threads();
+    return int32_t(std::clamp<int64_t>((wanted + heads - 1) / heads, 1, std::min<int64_t>(p.n, 65536)));
+}
+
 // The kernels write lse as the second value of out (c, i, h, b): they get lse
 // [b, h, n] seen as [b, h, n, width] with stride 0 in the last dim. Without a
 // caller's lse, or when its result is staged, lse is dense: on the CPU or
@@ -79,6 +93,7 @@ ForwardKernelArgs forward_args(const Problem &p, const Options &options) {
     ForwardKernelArgs a;
     set_shared_scalars(a, p);
     a.key_splits = key_splits_for(p, options);
+    a.query_splits = query_splits_for(p, options);
     return a;
 }
 

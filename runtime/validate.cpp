@@ -187,6 +187,9 @@ void check_options(const Options &options) {
     if (options.key_splits < 0 || options.key_splits > 64) {
         fail("options.key_splits: expected 0 (automatic) to 64, got " + std::to_string(options.key_splits));
     }
+    if (options.query_splits < 0 || options.query_splits > 65536) {
+        fail("options.query_splits: expected 0 (automatic) to 65536, got " + std::to_string(options.query_splits));
+    }
     auto isas = supported_cpu_isas();
     if (std::find(isas.begin(), isas.end(), options.cpu_isa) == isas.end()) {
         fail(std::string("options.cpu_isa: ") + to_string(options.cpu_isa) + " is not supported by this CPU");

@@ -121,6 +121,7 @@ int records_its_arguments ATTEND_FORWARD_KERNEL_PARAMS {
     received.drop_threshold = drop_threshold, received.keep_scale = keep_scale;
     received.seed_lo = seed_lo, received.seed_hi = seed_hi;
     received.causal_offset = causal_offset, received.all_keys_rows = all_keys_rows, received.key_splits = key_splits;
+    received.query_splits = query_splits;
     received.query_offset = query_offset, received.key_offset = key_offset;
     received.batch_offset = batch_offset, received.head_offset = head_offset;
     received.out = out, received.lse = lse;
@@ -134,6 +135,7 @@ TEST_CASE("call_kernel passes each field of ForwardKernelArgs as the parameter o
     sent.q = fake_buffer(16), sent.k = fake_buffer(32), sent.v = fake_buffer(48), sent.mask = fake_buffer(64);
     sent.scale = 0.5f, sent.causal = true, sent.has_mask = false, sent.drop_threshold = 7, sent.keep_scale = 1.25f;
     sent.seed_lo = 11, sent.seed_hi = 13, sent.causal_offset = 17, sent.all_keys_rows = 19, sent.key_splits = 23;
+    sent.query_splits = 43;
     sent.query_offset = 29, sent.key_offset = 31, sent.batch_offset = 37, sent.head_offset = 41;
     sent.out = fake_buffer(80), sent.lse = fake_buffer(96);
     const int context = 0;
@@ -157,6 +159,7 @@ TEST_CASE("call_kernel passes each field of ForwardKernelArgs as the parameter o
     CHECK(received.head_offset == sent.head_offset);
     CHECK(received.all_keys_rows == sent.all_keys_rows);
     CHECK(received.key_splits == sent.key_splits);
+    CHECK(received.query_splits == sent.query_splits);
     CHECK(received.out == sent.out);
     CHECK(received.lse == sent.lse);
 }

@@ -142,6 +142,43 @@ TEST_CASE("keys in chunks merged afterwards (options.key_splits) on the CPU too"
     }
 }
 
+TEST_CASE("query rows in runs of tiles (options.query_splits): the same bits for any number of runs") {
+    // A run of tiles is one task with its own copy of v's panels; how the tiles
+    // are cut into runs may change which task computes a tile, never its
+    // arithmetic. Partial tiles, mask, both causal alignments and dropout; the
+    // automatic choice (0) too; more runs than tiles are capped at one a tile.
+    for (int64_t d : {64, 24}) {  // a specialised kernel (v panels on AVX2) and the generic one
+        ProblemSpec spec = spec_of(2, 3, 333, 290, d);
+        spec.mask = true;
+        for (int causal : {0, 1, 2}) {  // none, top-left, bottom-right
+            Options options;
+            options.causal = causal > 0;
+            options.causal_align = causal == 2 ? CausalAlign::BottomRight : CausalAlign::TopLeft;
+            options.dropout = 0.25f;
+            options.training = true;
+            options.seed = 9;
+            for (const auto &v : variants_for(d, d)) {
+                if (v.kernel.find("decode") != std::string::npos) continue;  // one task per chunk of keys instead
+                auto one_run = make_problem(spec, options);
+                one_run.options.kernel = v.kernel;
+                one_run.options.cpu_isa = v.isa;
+                one_run.options.query_splits = 1;
+                one_run.run();
+                const auto out = one_run.out.dense(), lse = one_run.lse->dense();
+                for (int splits : {0, 2, 3, 11, 1000}) {
+                    INFO(describe(v) << " d=" << d << " causal=" << causal << " query_splits=" << splits);
+                    auto p = make_problem(spec, options);
+                    p.options = one_run.options;
+                    p.options.query_splits = splits;
+                    p.run();
+                    CHECK(p.out.dense() == out);
+                    CHECK(p.lse->dense() == lse);
+                }
+            }
+        }
+    }
+}
+
 TEST_CASE("bottom-right causal alignment (decoding with a KV cache), with and without a mask") {
     for (auto [n, m] : {std::pair<int64_t, int64_t>{1, 300}, {7, 130}, {63, 200}, {65, 65}, {200, 63}, {100, 1}}) {
         for (bool mask : {false, true}) {

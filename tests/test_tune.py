@@ -64,7 +64,8 @@ def search(build):
         (target, entries), = data["targets"].items()
         entry = entries["d32"]
         check(set(entry["params"]) == {"query_tile", "key_block", "vector_width", "score_row_vectors", "score_cols",
-                                       "pv_row_vectors", "pv_cols"}, f"the entry has every knob: {entry['params']}")
+                                       "pv_row_vectors", "pv_cols", "v_panels"}, f"the entry has every knob: {entry['params']}")
+        check(isinstance(entry["params"]["v_panels"], bool), f"v_panels is a JSON boolean: {entry['params']}")
         check(entry["candidates_evaluated"] >= 2, f"it tried candidates beyond the hand schedule: {entry}")
         path = entry["search_path"]
         check(path[0]["changed"] == {} and all(len(step["gflops"]) == 2 for step in path),
@@ -108,7 +109,8 @@ def build_uses_table(build):
             commands = [line for line in ninja.splitlines() if "attend_generator" in line and f"-f {library} " in line]
             check(commands, f"the build generates {library}")
             for knob, value in entry["params"].items():
-                check(f" {knob}={value} " in commands[0] + " ", f"{library} is generated with {knob}={value}")
+                arg = f"{knob}={str(value).lower() if isinstance(value, bool) else value}"  # JSON true: true
+                check(f" {arg} " in commands[0] + " ", f"{library} is generated with {arg}")
             checked += 1
     print(f"{checked} tuned entries checked against the build")
 

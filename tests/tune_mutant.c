@@ -24,11 +24,11 @@ int mutant(const void *user_context, halide_buffer_t *q, halide_buffer_t *k, hal
            halide_buffer_t *mask, float scale, bool causal, bool has_mask, uint32_t drop_threshold, float keep_scale,
            uint32_t seed_lo, uint32_t seed_hi, int32_t causal_offset, int32_t query_offset, int32_t key_offset,
            int32_t batch_offset, int32_t head_offset, int32_t all_keys_rows, int32_t key_splits,
-           halide_buffer_t *out, halide_buffer_t *lse) {
+           int32_t query_splits, halide_buffer_t *out, halide_buffer_t *lse) {
     (void)user_context, (void)q, (void)k, (void)v, (void)mask, (void)scale, (void)causal, (void)has_mask;
     (void)drop_threshold, (void)keep_scale, (void)seed_lo, (void)seed_hi, (void)causal_offset, (void)all_keys_rows;
     (void)query_offset, (void)key_offset, (void)batch_offset, (void)head_offset;
-    (void)key_splits;
+    (void)key_splits, (void)query_splits;
     zero(out);
     zero(lse);
     return 0;

@@ -54,11 +54,12 @@ KNOB_VALUES = {
     "pv_row_vectors": [1, 2, 3, 4, 6],
     "pv_cols": [2, 3, 4, 5, 6, 8],
     "vector_width": [0, "double"],
+    "v_panels": [False, True],
 }
 # A line of the search varies one knob, or both sides of a register tile at once
 # (they share the registers: one alone rarely moves without spilling).
 LINES = ["query_tile", "key_block", ("score_row_vectors", "score_cols"), ("pv_row_vectors", "pv_cols"),
-         "vector_width"]
+         "vector_width", "v_panels"]
 MIN_ACCUMULATORS = 8  # a register tile smaller than this cannot hide the FMA latency
 DEFAULT_SHAPES = ["2,8,256,256", "2,8,1024,1024", "2,8,1024,1024,causal", "2,8,4096,4096"]
 SMALL_N = 1024  # shapes up to this n are timed first and gate the others
@@ -73,10 +74,11 @@ def hand_schedule():
     source = GENERATOR_SOURCE.read_text()
     defaults = {}
     for knob in KNOB_VALUES:
-        found = re.search(r'GeneratorParam<int>\s+%s\{"%s",\s*(-?\d+)\}' % (knob, knob), source)
+        found = re.search(r'GeneratorParam<(int|bool)>\s+%s\{"%s",\s*(-?\d+|true|false)\}' % (knob, knob), source)
         if not found:
             sys.exit(f"tune: cannot find the default of GeneratorParam {knob} in {GENERATOR_SOURCE}")
-        defaults[knob] = int(found.group(1))
+        value = found.group(2)
+        defaults[knob] = value == "true" if found.group(1) == "bool" else int(value)
     return defaults
 
 
@@ -92,8 +94,13 @@ def natural_vector_width(target):
 
 
 def generator_params(params, target):
-    """The knobs as the generator takes them (vector_width "double": twice the natural width)."""
+    """The knobs' values for the generator (vector_width "double": twice the natural width)."""
     return {k: natural_vector_width(target) * 2 if v == "double" else v for k, v in params.items()}
+
+
+def generator_arg(knob, value):
+    """knob=value as the generator's command line takes it (a bool as true or false)."""
+    return f"{knob}={str(value).lower() if isinstance(value, bool) else value}"
 
 
 def runs_here(target):
@@ -153,7 +160,7 @@ class Candidates:
         so = self.cache / f"{function}.so"
         if so.exists():
             return so, function
-        knobs = [f"{k}={v}" for k, v in generator_params(params, self.target).items()]
+        knobs = [generator_arg(k, v) for k, v in generator_params(params, self.target).items()]
         args = ["-g", "attention", "-o", str(self.cache), "-e", "static_library",
                 "-f", function, f"target={self.target}-user_context-no_runtime", f"head_dim={head_dim}",
                 "element_type=float32"] + knobs

@@ -93,6 +93,9 @@ struct Options {
     std::string kernel;            // force a kernel by name (tests, tuning); empty: select_kernel decides
     int key_splits = 0;            // chunks of keys computed in parallel and merged (GPU); 0: chosen from the
                                    // size (1 on the CPU), at most 64
+    int query_splits = 0;          // CPU: tasks the query rows of one head run as, each a run of consecutive
+                                   // tiles sharing one copy of v; 0: chosen from the thread count; at most
+                                   // 65536 (any value gives the same result, bitwise)
     // A shard of a longer sequence: the global positions of the call's first query
     // and first key (>= 0; query_offset + n and key_offset + m at most 2^31 - 1).
     // Causal compares global positions (key j is masked for query i when

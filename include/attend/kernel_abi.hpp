@@ -34,6 +34,7 @@ struct ForwardKernelArgs {
     int32_t head_offset = 0;    // dropout hash's batch and head
     int32_t all_keys_rows = 0;  // causal: rows below it may have every key masked (their tiles visit every key)
     int32_t key_splits = 1;     // chunks of keys computed in parallel and merged (GPU)
+    int32_t query_splits = 1;   // CPU: tasks per head, each a run of consecutive query tiles (others ignore it)
     halide_buffer_t *out = nullptr, *lse = nullptr;
 };
 
@@ -43,20 +44,20 @@ struct ForwardKernelArgs {
      float scale, bool causal, bool has_mask, uint32_t drop_threshold, float keep_scale, uint32_t seed_lo,      \
      uint32_t seed_hi, int32_t causal_offset, int32_t query_offset, int32_t key_offset, int32_t batch_offset,      \
      int32_t head_offset, int32_t all_keys_rows,                                                                \
-     int32_t key_splits, halide_buffer_t *out, halide_buffer_t *lse)
+     int32_t key_splits, int32_t query_splits, halide_buffer_t *out, halide_buffer_t *lse)
 using ForwardKernel = int(*) ATTEND_FORWARD_KERNEL_PARAMS;
 
 // The generator's Inputs, then its Output, by name (out is the Tuple of out and lse).
 inline constexpr const char *kForwardKernelArgNames[] = {
     "q", "k", "v", "mask", "scale", "causal", "has_mask", "drop_threshold", "keep_scale",
     "seed_lo", "seed_hi", "causal_offset", "query_offset", "key_offset", "batch_offset", "head_offset", "all_keys_rows",
-    "key_splits", "out"};
+    "key_splits", "query_splits", "out"};
 
 // The one place the struct becomes positional arguments.
 inline int call_kernel(ForwardKernel kernel, const void *user_context, const ForwardKernelArgs &a) {
     return kernel(user_context, a.q, a.k, a.v, a.mask, a.scale, a.causal, a.has_mask, a.drop_threshold, a.keep_scale,
                   a.seed_lo, a.seed_hi, a.causal_offset, a.query_offset, a.key_offset, a.batch_offset, a.head_offset,
-                  a.all_keys_rows, a.key_splits,
+                  a.all_keys_rows, a.key_splits, a.query_splits,
                   a.out, a.lse);
 }
 

@@ -153,6 +153,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     options.device = attend::Device(in.ConsumeIntegralInRange(0, 4));
     options.cpu_isa = attend::CpuIsa(in.ConsumeIntegralInRange(0, 4));
     options.key_splits = in.ConsumeIntegralInRange(-1, 70);
+    options.query_splits = in.ConsumeIntegralInRange(-1, 70);
     if (in.ConsumeIntegralInRange(0, 7) == 0) {
         auto kernels = attend::available_kernels();
         options.kernel = in.ConsumeBool() && !kernels.empty()
