@@ -50,8 +50,8 @@ public:
     // CPU, with a head_dim: each task copies v, widened to float32, into panels
     // of one SIMD vector of columns, keys consecutive within a panel, which the
     // P·V register tiles read with unit stride (the copy is made once per task
-    // and read by all of its tiles; see schedule_cpu). It pays with a P·V tile
-    // of few columns (tuning/cpu.json: AVX2's 4 x 2); with 4 columns it did not.
+    // and read by all of its tiles; see schedule_cpu). It pays with AVX2's tiles
+    // in tuning/cpu.json (32 rows, P·V 2 x 4); with 48 rows and 3 x 4 it did not.
     GeneratorParam<bool> v_panels{"v_panels", false};
 
     // Schedule knob (GPU targets; query_tile and key_block above set the tiles):
