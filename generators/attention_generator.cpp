@@ -216,20 +216,22 @@ private:
         block_max(ii, kb, io, hq, bb) = -FLT_MAX;
         block_max(ii, kb, io, hq, bb) = max(block_max(ii, kb, io, hq, bb), masked_score(ii, rj, kb, io, hq, bb));
         // Keys past the end weigh 0 (unlike masked keys, which weigh 1 in a fully masked row).
+        // Dropout zeroes weights after the softmax: a weight is kept twice, as
+        // it is (the block sum keeps them all) and as dropout leaves it (P·V
+        // reads it), so the keep hash is computed once per weight. Unsigned: the
+        // positions of padded rows and keys past the end may pass 2^31 - 1
+        // (their weights are discarded; the sum must not overflow).
         Expr shifted = masked_score(ii, jj, kb, io, hq, bb) - block_max(ii, kb, io, hq, bb);
-        weight(ii, jj, kb, io, hq, bb) = select(key < M, exp2_nonpositive(shifted), 0.0f);
-
-        block_sum(ii, kb, io, hq, bb) = 0.0f;
-        block_sum(ii, kb, io, hq, bb) += weight(ii, rj, kb, io, hq, bb);
-
-        // Dropout zeroes weights after the softmax: the sum above keeps them all.
-        // Unsigned: the positions of padded rows and keys past the end may pass
-        // 2^31 - 1 (their weights are discarded; the sum must not overflow).
+        Expr w = select(key < M, exp2_nonpositive(shifted), 0.0f);
         Expr kept = dropout_kept(seed_lo, seed_hi, cast<uint32_t>(bb) + cast<uint32_t>(batch_offset),
                                  cast<uint32_t>(head) + cast<uint32_t>(head_offset),
                                  cast<uint32_t>(row) + cast<uint32_t>(query_offset),
                                  cast<uint32_t>(key) + cast<uint32_t>(key_offset), drop_threshold);
-        kept_weight(ii, jj, kb, io, hq, bb) = select(kept, weight(ii, jj, kb, io, hq, bb), 0.0f);
+        weight(ii, jj, kb, io, hq, bb) = Tuple(w, select(kept, w, 0.0f));
+
+        block_sum(ii, kb, io, hq, bb) = 0.0f;
+        block_sum(ii, kb, io, hq, bb) += weight(ii, rj, kb, io, hq, bb)[0];
+        kept_weight(ii, jj, kb, io, hq, bb) = weight(ii, jj, kb, io, hq, bb)[1];
 
         // v as panels of W columns, v_panel(lane, key, panel, kb): the keys of a
         // block side by side in each panel.
@@ -442,12 +444,11 @@ private:
         for (Func f : {masked_score, block_max, weight, block_sum, block_out}) f.bound_extent(kb, 1);
 
         // Dropout costs a hash per weight: only the path with it on pays. Only the
-        // P·V stage is specialized (the weights meet the hash there): the
-        // simplifier carries the condition into block_out, computed inside it, and
-        // the rest of the kernel is generated once. Specializing `out` generated
-        // all of it twice, for the same instructions per call (callgrind) at 2.5x
-        // the generator's time.
-        block_out.in().specialize(drop_threshold == u32(0));
+        // weights are specialized (they meet the hash there), so the rest of the
+        // kernel is generated once. Specializing `out` generated all of it
+        // twice, for the same instructions per call (callgrind) at 2.5x the
+        // generator's time.
+        weight.specialize(drop_threshold == u32(0));
     }
 
     // CPU, decoding: one task per (chunk of keys, kv head, batch), with every
@@ -519,7 +520,7 @@ private:
         row_lse.compute_root();
         out.reorder(c, i, hq, bb).fuse(hq, bb, task).parallel(task).unroll(c);
 
-        block_out.in().specialize(drop_threshold == u32(0));
+        weight.specialize(drop_threshold == u32(0));  // only calls with dropout pay for the hash
     }
 
     // GPU: one thread block per tile of query rows of one (batch, head) and chunk
