@@ -179,6 +179,23 @@ TEST_CASE("query rows in runs of tiles (options.query_splits): the same bits for
     }
 }
 
+TEST_CASE("large working buffers reused across calls (v panels of 1 MiB and more): each call stays right") {
+    // A thread keeps the largest block it freed for its next allocation that
+    // fits (runtime/kernel_call.cpp): a smaller call, a larger one that must not
+    // get the smaller block, a smaller one into the larger block, the larger
+    // again. Under ASan a block used past its end or freed twice fails here.
+    ProblemSpec large = spec_of(1, 2, 70, 8192, 64), small = spec_of(1, 2, 40, 5000, 64);
+    small.seed = 5;
+    std::map<int64_t, std::vector<float>> first_out;
+    for (const ProblemSpec &spec : {small, large, small, large}) {
+        INFO("m=" << spec.m);
+        auto p = make_problem(spec);
+        check_against_reference(p, p.expected());
+        auto [at, first] = first_out.emplace(spec.m, p.out.dense());
+        if (!first) CHECK(p.out.dense() == at->second);
+    }
+}
+
 TEST_CASE("bottom-right causal alignment (decoding with a KV cache), with and without a mask") {
     for (auto [n, m] : {std::pair<int64_t, int64_t>{1, 300}, {7, 130}, {63, 200}, {65, 65}, {200, 63}, {100, 1}}) {
         for (bool mask : {false, true}) {
