@@ -438,12 +438,16 @@ int on_every_rank(const std::function<void(MPI_Comm, int, int)> &body) {
 
 #endif
 
+#if !ATTEND_HAS_DIST
+constexpr const char *kNoDistMessage = "--ring: this build has no attend_dist (MPI was not found when it was configured)";
+#endif
+
 int run_command(const RunArgs &a) {
     if (a.ring) {
 #if ATTEND_HAS_DIST
         return on_every_rank([&](MPI_Comm comm, int rank, int ranks) { ring_run_on(a, comm, rank, ranks); });
 #else
-        throw BadInput("--ring: this build has no attend_dist (MPI was not found when it was configured)");
+        throw BadInput(kNoDistMessage);
 #endif
     }
     RunCall c = prepare_run(a);
@@ -603,7 +607,7 @@ int bench_command(const BenchArgs &a) {
 #if ATTEND_HAS_DIST
         return on_every_rank([&](MPI_Comm comm, int rank, int ranks) { ring_bench_on(a, comm, rank, ranks); });
 #else
-        throw BadInput("--ring: this build has no attend_dist (MPI was not found when it was configured)");
+        throw BadInput(kNoDistMessage);
 #endif
     }
     const Device device = parse_device(a.device);

@@ -24,6 +24,9 @@ int64_t cpu_threads() {
     return std::max(1u, std::thread::hardware_concurrency());
 }
 
+// CPU kernels cut their work into about this many tasks per thread (for balance).
+constexpr int64_t kCpuTasksPerThread = 4;
+
 // How many chunks of keys run in parallel. A GPU wants thousands of thread
 // blocks; with few query tiles (short sequences, few heads) the keys are cut into
 // chunks until there are about kTargetBlocks, each chunk at least kMinChunk keys.
@@ -35,8 +38,8 @@ int32_t key_splits_for(const Problem &p, const Options &options) {
     const KernelEntry &kernel = *p.selection.kernel;
     if (kernel.device == Device::CPU) {
         if (kernel.max_rows == 0) return 1;  // the CPU's parallel loop is over tiles already
-        const int64_t kTasksPerThread = 4, kMinCpuChunk = 512;
-        const int64_t tasks = p.kv_heads * p.b, wanted = kTasksPerThread * cpu_threads();
+        const int64_t kMinCpuChunk = 512;
+        const int64_t tasks = p.kv_heads * p.b, wanted = kCpuTasksPerThread * cpu_threads();
         return int32_t(std::clamp<int64_t>(std::min((wanted + tasks - 1) / tasks, p.m / kMinCpuChunk), 1, 64));
     }
     const int64_t kTargetBlocks = 4096, kMinChunk = 256, kRowsPerBlock = 32;
@@ -46,16 +49,15 @@ int32_t key_splits_for(const Problem &p, const Options &options) {
 }
 
 // How many tasks a CPU forward kernel runs the query rows of one head as. A task
-// runs its tiles in turn with one float32 copy of the head's v (the P·V loops read
-// it with unit stride), k and v staying in the core's cache between its tiles:
+// runs its tiles in turn, k and v staying in the core's cache between them, with
+// one float32 copy of the head's v where the schedule copies v into panels:
 // the fewer tasks the better, as long as every thread has a few (for balance).
 // The kernel takes at most one task per tile.
 int32_t query_splits_for(const Problem &p, const Options &options) {
     if (options.query_splits > 0) return options.query_splits;
     const KernelEntry &kernel = *p.selection.kernel;
     if (kernel.device != Device::CPU || kernel.max_rows != 0) return 1;  // not read
-    const int64_t kTasksPerThread = 4;
-    const int64_t heads = p.h * p.b, wanted = kTasksPerThread * cpu_threads();
+    const int64_t heads = p.h * p.b, wanted = kCpuTasksPerThread * cpu_threads();
     return int32_t(std::clamp<int64_t>((wanted + heads - 1) / heads, 1, std::min<int64_t>(p.n, 65536)));
 }
 

@@ -49,12 +49,15 @@ Tensor<T> shard_of(Tensor<T> whole, int sequence_dim, Layout layout) {
 }
 
 // This rank's rows of a whole [b, h, n, e] (or [b, h, n]) result, C order.
-std::vector<float> my_rows(const Tensor<float> &whole_dense_values, Layout layout) {
-    Tensor<float> whole = whole_dense_values;
-    auto local = local_like(whole, 2);
-    DLTensor w = whole.dl(), l = local.dl();
-    dist::shard(w, 2, rank_of(), ranks_of(), layout, l);
-    return local.dense();
+std::vector<float> my_rows(const Tensor<float> &whole, Layout layout) { return shard_of(whole, 2, layout).dense(); }
+
+// This rank's contiguous shards of a problem's q, k, v (4-D) and an out to write.
+struct Shards {
+    Tensor<float> q, k, v, out;
+};
+Shards contiguous_shards(const Problem &whole) {
+    return {shard_of(whole.q, 2, Layout::Contiguous), shard_of(whole.k, 2, Layout::Contiguous),
+            shard_of(whole.v, 2, Layout::Contiguous), local_like(whole.out, 2)};
 }
 
 Tensor<float> as_tensor(std::vector<int64_t> shape, const std::vector<double> &values) {
@@ -196,9 +199,7 @@ TEST_CASE("a bad shard on one rank: every rank throws its message, nothing writt
     if (P < 2) return;
     ProblemSpec spec = spec_of(1, 2, 4 * P, 4 * P, 32);
     Problem whole = make_problem(spec);
-    auto q = shard_of(whole.q, 2, Layout::Contiguous), k = shard_of(whole.k, 2, Layout::Contiguous),
-         v = shard_of(whole.v, 2, Layout::Contiguous);
-    auto out = local_like(whole.out, 2);
+    auto [q, k, v, out] = contiguous_shards(whole);
     DLTensor tq = q.dl(), tk = k.dl(), tv = v.dl(), tout = out.dl();
     if (rank_of() == 1) tout.shape[3] = 5;  // rank 1's out has the wrong dv
     std::string message = rejection_of([&] { dist::ring_forward(tq, tk, tv, nullptr, tout, nullptr, MPI_COMM_WORLD); });
@@ -217,11 +218,8 @@ TEST_CASE("a bad shard on one rank: every rank throws its message, nothing writt
 
     // Zig-zag needs two equal chunks per rank.
     ProblemSpec odd = spec_of(1, 2, 3 * P, 3 * P, 32);
-    Problem odd_whole = make_problem(odd);
-    auto oq = shard_of(odd_whole.q, 2, Layout::Contiguous), ok = shard_of(odd_whole.k, 2, Layout::Contiguous),
-         ov = shard_of(odd_whole.v, 2, Layout::Contiguous);
-    auto oout = local_like(odd_whole.out, 2);
-    DLTensor a = oq.dl(), b = ok.dl(), c = ov.dl(), d = oout.dl();
+    auto odd_shards = contiguous_shards(make_problem(odd));
+    DLTensor a = odd_shards.q.dl(), b = odd_shards.k.dl(), c = odd_shards.v.dl(), d = odd_shards.out.dl();
     CHECK_THROWS_WITH_AS(dist::ring_forward(a, b, c, nullptr, d, nullptr, MPI_COMM_WORLD, {}, Layout::ZigZag),
                          doctest::Contains("n and m must be even"), std::invalid_argument);
 }
