@@ -17,11 +17,14 @@
 // key; the seed's masked_fill blocks the gradient of its scores, so it gives
 // dQ_i = 0, nothing to dK, and P̃_ij = Z_ij / (1 - p) / M to dV for every key.
 //
-// Two pipelines, no atomics (the same inputs give bitwise the same gradients
-// for any thread count): dK and dV per tile of keys of one kv head, reducing
-// over the group's heads and the blocks of query rows; dQ per tile of query
-// rows, reducing over the blocks of keys. Each recomputes P and dS for its
-// pairs. Scores are in log2 units, as in the forward.
+// No atomics (the same inputs give bitwise the same gradients for any thread
+// count). Per tile of keys of one kv head, reducing over the group's heads and
+// the blocks of query rows: P and dS of each pair of blocks, then dK and dV.
+// A CPU adds each pair's share of dQ in the same pass, into the share of its
+// task (a run of a kv head's key tiles); dQ sums the shares in order. A GPU
+// runs dQ as a second pipeline per tile of query rows, reducing over the
+// blocks of keys, which recomputes P and dS. Scores are in log2 units, as in
+// the forward.
 #include <cfloat>
 #include <cmath>
 
@@ -39,12 +42,13 @@ public:
     // d = dv of the variant; 0 builds the generic variant (any d and dv).
     GeneratorParam<int> head_dim{"head_dim", 64};
 
-    // Schedule knobs. dK/dV: keys per task (CPU: on the SIMD lanes; GPU: one
-    // thread block, a key per thread) and query rows per block; dQ: query rows
-    // per task (CPU: on the lanes; GPU: a thread block, a row per thread) and
-    // keys per block. Then (CPU) the SIMD width (0: the target's natural
-    // width) and the register tiles of the matrix products, in vectors of
-    // lanes by columns.
+    // Schedule knobs. Keys per tile (CPU: on the SIMD lanes; GPU: one thread
+    // block, a key per thread) and query rows per block, the pairs of blocks of
+    // dK/dV (and, on a CPU, of dQ); a GPU's dQ pass: query rows per thread block
+    // (a row per thread) and keys per block. Then (CPU) the SIMD width (0: the
+    // target's natural width) and the register tiles of the matrix products, in
+    // vectors of lanes by columns: the block's scores, dP, dK and dV (keys on
+    // the lanes), and its share of dQ (the head dim on the lanes).
     GeneratorParam<int> key_tile{"key_tile", 48};
     GeneratorParam<int> query_block{"query_block", 64};
     GeneratorParam<int> query_tile{"query_tile", 48};
@@ -52,6 +56,8 @@ public:
     GeneratorParam<int> vector_width{"vector_width", 0};
     GeneratorParam<int> tile_vectors{"tile_vectors", 3};
     GeneratorParam<int> tile_cols{"tile_cols", 4};
+    GeneratorParam<int> dq_tile_vectors{"dq_tile_vectors", 2};
+    GeneratorParam<int> dq_tile_cols{"dq_tile_cols", 4};
 
     // The element type of q, k, v, out, dout, dq, dk and dv (float32, float16 or
     // bfloat16). Every sum accumulates in float32; gradients are rounded once.
@@ -79,6 +85,10 @@ public:
     // Causal: rows below this may have every key masked (the forward's), so every
     // key tile visits them for dV.
     Input<int32_t> all_keys_rows{"all_keys_rows"};
+    // CPU: tasks per kv head, each a run of key tiles with its own float32
+    // share of dQ (clamped to 1..tiles). dq's bits depend on it: the runtime
+    // derives it from the call's shape alone.
+    Input<int32_t> key_splits{"key_splits"};
 
     Output<Buffer<void, 4>> dq{"dq"};
     Output<Buffer<void, 4>> dk{"dk"};
@@ -115,13 +125,19 @@ private:
     // and dout, its scores and dP, (P̃, dS), the block's products, the sums.
     Func kv_k{"kv_k"}, kv_v{"kv_v"}, kv_q{"kv_q"}, kv_dout{"kv_dout"}, kv_score{"kv_score"}, kv_dp{"kv_dp"},
         kv_weights{"kv_weights"}, dk_block{"dk_block"}, dv_block{"dv_block"}, kv_sum{"kv_sum"};
+    // Fused (CPU): k with c innermost, a pair of blocks' share of dQ, the sums.
+    Func kv_k_rows{"kv_k_rows"}, dq_part{"dq_part"}, kv_sums{"kv_sums"}, dq_sums{"dq_sums"}, dq_total{"dq_total"};
     // dQ pipeline (rows on lanes): the tile's q and dout transposed, a block's k
     // and v, its scores and dP, dS, the block's product, the sum.
     Func dq_q{"dq_q"}, dq_dout{"dq_dout"}, dq_k{"dq_k"}, dq_v{"dq_v"}, dq_score{"dq_score"}, dq_dp{"dq_dp"},
         dq_ds{"dq_ds"}, dq_block{"dq_block"}, dq_sum{"dq_sum"};
-    RDom rc, rcv, kv_blocks, rq, dq_blocks, rk;
+    RDom rc, rcv, kv_blocks, rq, dq_blocks, rk, rj, key_pairs, row_pairs;
 
     bool generic() const { return head_dim == 0; }
+    // A CPU sums dQ in the dK/dV pass (five products per pair of blocks; a task
+    // owns its share of dQ); a GPU's thread blocks cannot share dQ's sums
+    // without atomics, so dQ is a pass of its own there (seven products).
+    bool fused() const { return !get_target().has_gpu_feature(); }
 
     // P̃ and dS of the pair (row, key) of head hh, batch b, from its score (log2
     // units, unmasked) and dP. Rows and keys past the end give 0.
@@ -186,25 +202,74 @@ private:
             dv_block(jj, c, qb, r, kt, g, bb) = 0.0f;
             dv_block(jj, c, qb, r, kt, g, bb) += kv_weights(jj, rq, qb, r, kt, g, bb)[0] * kv_dout(c, rq, qb, head, bb);
 
-            // Over the group's heads and the query blocks. Causal: rows above the
-            // diagonal at the tile's first key see none of its keys, so the blocks
-            // start at the first row that does; but rows that may have every key
-            // masked (the first all_keys_rows) weigh every key, so then they start
-            // at 0. (A scalar condition: Halide makes it the loop's start.)
+            // The pairs of blocks: a tile's keys against the blocks of rows of the
+            // group's heads. Causal: rows above the diagonal at the tile's first
+            // key see none of its keys, so the blocks start at the first row that
+            // does; but rows that may have every key masked (the first
+            // all_keys_rows) weigh every key, so then they start at 0. (A scalar
+            // condition: Halide makes it the loop's start.)
             Expr query_blocks = (N + BQ - 1) / BQ;
-            kv_blocks = RDom(0, group, 0, query_blocks, "kv_blocks");
-            Expr first_row = select(all_keys_rows > 0, 0, clamp(kt * BK - causal_offset, 0, N));
-            kv_blocks.where(!causal || kv_blocks.y >= first_row / BQ);
-            auto part = [&](Func block) { return block(jj, c, kv_blocks.y, kv_blocks.x, kt, g, bb); };
-            kv_sum(jj, c, kt, g, bb) = Tuple(0.0f, 0.0f);
-            kv_sum(jj, c, kt, g, bb) = Tuple(kv_sum(jj, c, kt, g, bb)[0] + part(dk_block),
-                                             kv_sum(jj, c, kt, g, bb)[1] + part(dv_block));
-            dk(c, j, g, bb) = narrow(kv_sum(j % BK, c, j / BK, g, bb)[0] * scale, element_type, storage_type());
-            dv(c, j, g, bb) = narrow(kv_sum(j % BK, c, j / BK, g, bb)[1], element_type, storage_type());
+            auto first_block = [&](Expr tile) {
+                return select(all_keys_rows > 0, 0, clamp(tile * BK - causal_offset, 0, N)) / BQ;
+            };
+            if (fused()) {
+                // dQ's share of the pair of blocks: Σ over the tile's keys of dS_ij k_j
+                // (k with the head dim innermost, on the lanes).
+                rj = RDom(0, BK, "rj");
+                kv_k_rows(c, jj, kt, g, bb) = widen(k(clamp(c, 0, D - 1), key_in, g, bb), element_type);
+                dq_part(c, ii, qb, r, kt, g, bb) = 0.0f;
+                dq_part(c, ii, qb, r, kt, g, bb) += kv_weights(rj, ii, qb, r, kt, g, bb)[1] * kv_k_rows(c, rj, kt, g, bb);
+
+                // Each task, a split of the key tiles of one kv head (key_splits of
+                // them, so that few kv heads still give every thread work), sums dK
+                // and dV for its keys and its share of dQ for the rows of each head
+                // of the group, every pair of blocks adding its products (the two
+                // sums in one loop nest: see the schedule). dQ is the sum of the
+                // splits' shares, in order.
+                Expr key_tiles = (M + BK - 1) / BK, rows = query_blocks * BQ;
+                Expr splits = clamp(key_splits, 1, key_tiles), split_tiles = (key_tiles + splits - 1) / splits;
+                auto pairs = [&](int block_rows) {
+                    RDom pair({{0, block_rows}, {0, group}, {0, query_blocks}, {0, split_tiles}, {0, splits}}, "pair");
+                    Expr tile = pair[4] * split_tiles + pair[3];
+                    pair.where(tile < key_tiles && (!causal || pair[2] >= first_block(tile)));
+                    return pair;
+                };
+                key_pairs = pairs(BK);
+                row_pairs = pairs(BQ);
+                Expr tile = key_pairs[4] * split_tiles + key_pairs[3];
+                auto key_part = [&](Func block) { return block(key_pairs.x, c, key_pairs.z, key_pairs.y, tile, g, bb); };
+                kv_sums(jj, c, kt, g, bb) = Tuple(0.0f, 0.0f);
+                kv_sums(key_pairs.x, c, tile, g, bb) += Tuple(key_part(dk_block), key_part(dv_block));
+                // A split's share of dQ for row i of the group's head r at (split·group + r)·rows + i.
+                auto share_row = [&](Expr split, Expr head_in_group, Expr row) {
+                    return (split * group + head_in_group) * rows + row;
+                };
+                Expr row_tile = row_pairs[4] * split_tiles + row_pairs[3];
+                dq_sums(c, i, g, bb) = 0.0f;
+                dq_sums(c, share_row(row_pairs[4], row_pairs.y, row_pairs.z * BQ + row_pairs.x), g, bb) +=
+                    dq_part(c, row_pairs.x, row_pairs.z, row_pairs.y, row_tile, g, bb);
+                RDom split(0, splits, "split");
+                dq_total(c, i, h, bb) = 0.0f;
+                dq_total(c, i, h, bb) += dq_sums(c, share_row(split, h % group, i), h / group, bb);
+
+                dk(c, j, g, bb) = narrow(kv_sums(j % BK, c, j / BK, g, bb)[0] * scale, element_type, storage_type());
+                dv(c, j, g, bb) = narrow(kv_sums(j % BK, c, j / BK, g, bb)[1], element_type, storage_type());
+                dq(c, i, h, bb) = narrow(dq_total(c, i, h, bb) * scale, element_type, storage_type());
+            } else {
+                // Over the group's heads and the query blocks.
+                kv_blocks = RDom(0, group, 0, query_blocks, "kv_blocks");
+                kv_blocks.where(!causal || kv_blocks.y >= first_block(kt));
+                auto part = [&](Func block) { return block(jj, c, kv_blocks.y, kv_blocks.x, kt, g, bb); };
+                kv_sum(jj, c, kt, g, bb) = Tuple(0.0f, 0.0f);
+                kv_sum(jj, c, kt, g, bb) = Tuple(kv_sum(jj, c, kt, g, bb)[0] + part(dk_block),
+                                                 kv_sum(jj, c, kt, g, bb)[1] + part(dv_block));
+                dk(c, j, g, bb) = narrow(kv_sum(j % BK, c, j / BK, g, bb)[0] * scale, element_type, storage_type());
+                dv(c, j, g, bb) = narrow(kv_sum(j % BK, c, j / BK, g, bb)[1], element_type, storage_type());
+            }
         }
 
         // ---- dQ: tile qt of query rows of head h; key block kb ----
-        {
+        if (!fused()) {
             Expr row = qt * TQ + ii, key = kb * KB + jj;
             Expr key_in = min(key, M - 1), row_in = min(row, N - 1);
             dq_q(ii, c, qt, h, bb) = widen(q(c, row_in, h, bb), element_type);
@@ -265,17 +330,12 @@ private:
         query_offset.set_estimate(0);
         key_offset.set_estimate(0);
         all_keys_rows.set_estimate(0);
+        key_splits.set_estimate(1);
     }
 
-    // CPU: dK/dV one task per (tile of keys, kv head, batch), the keys on the
-    // SIMD lanes; dQ one task per (tile of query rows, head, batch), the rows on
-    // the lanes. Inside a task the blocks run in order, each computing its
-    // scores, dP, (P̃, dS) and products into small buffers, the products in
-    // register tiles.
+    // CPU: dK, dV and dQ in one pass (define_algorithm's fused sums).
     void schedule_cpu() {
         const int VW = vector_width > 0 ? int(vector_width) : natural_vector_size<float>();
-        const int TQ = query_tile;
-        const int lanes_per_tile = VW * int(tile_vectors);
 
         row_delta.compute_root().parallel(bb).vectorize(i, VW, TailStrategy::GuardWithIf);
         row_delta.update().reorder(i, rcv).parallel(bb).vectorize(i, VW, TailStrategy::GuardWithIf);
@@ -283,10 +343,13 @@ private:
         // A matrix product of the block: `block` is computed per block (at
         // `at`), `sum` (its reduction over r) per tile of lanes by `cols`
         // columns, kept in registers.
-        auto register_tiled = [&](Func block, Func sum, Var lane, Var col, RVar r, LoopLevel at) {
+        auto register_tiled = [&](Func block, Func sum, Var lane, Var col, RVar r, LoopLevel at,
+                                  int vectors = 0, int cols = 0) {
+            const int lanes_per_tile = VW * (vectors > 0 ? vectors : int(tile_vectors));
             Var lanes_outer("lanes_outer"), cols_outer("cols_outer"), lanes_inner("lanes_inner"), cols_inner("cols_inner");
             block.compute_at(at)
-                .tile(lane, col, lanes_outer, cols_outer, lanes_inner, cols_inner, lanes_per_tile, tile_cols)
+                .tile(lane, col, lanes_outer, cols_outer, lanes_inner, cols_inner, lanes_per_tile,
+                      cols > 0 ? cols : int(tile_cols))
                 .vectorize(lanes_inner, VW)
                 .unroll(lanes_inner)
                 .unroll(cols_inner)
@@ -295,48 +358,46 @@ private:
             sum.update().reorder(lane, col, r).vectorize(lane, VW).unroll(lane).unroll(col);
         };
 
-        // ---- dK, dV ----
-        // (Nested parallel loops, not one fused loop: through a fused loop Halide
-        // bounds the blocks' producers over every later key tile.)
+        // One task per (run of key tiles, kv head, batch): its tiles in turn, each
+        // against every block of rows of the group's heads. Per pair of blocks:
+        // the block's q and dout, its scores, dP, (P̃, dS) and products in small
+        // buffers (the products in register tiles), added to the task's sums.
+        // (The runs are a reduction domain's, so Halide cannot prove that they
+        // write apart, which they do: each its own key tiles and share of dQ.)
+        kv_sums.compute_root().parallel(bb).parallel(g).vectorize(jj, VW, TailStrategy::GuardWithIf);
+        dq_sums.compute_root().parallel(bb).parallel(g).vectorize(c, VW, TailStrategy::GuardWithIf);
+        kv_sums.update().reorder(key_pairs.x, c, key_pairs.y, key_pairs.z, key_pairs.w, key_pairs[4], g, bb)
+            .parallel(bb).parallel(g).allow_race_conditions().parallel(key_pairs[4]).vectorize(key_pairs.x, VW);
+        dq_sums.update().reorder(c, row_pairs.x, row_pairs.y, row_pairs.z, row_pairs.w, row_pairs[4], g, bb)
+            .parallel(bb).parallel(g).allow_race_conditions().parallel(row_pairs[4])
+            .vectorize(c, VW, TailStrategy::GuardWithIf);
+        dq_sums.update().compute_with(kv_sums.update(), row_pairs.y);  // one loop nest down to the pair
+        dq_total.compute_at(dq, i).vectorize(c, VW, TailStrategy::GuardWithIf);
+        dq_total.update().vectorize(c, VW, TailStrategy::GuardWithIf);
         Var task("task");
-        kv_sum.compute_root().parallel(bb).parallel(g).parallel(kt).vectorize(jj, VW);
-        kv_sum.update().reorder(jj, c, kv_blocks.x, kv_blocks.y, kt, g, bb).parallel(bb).parallel(g).parallel(kt)
-            .vectorize(jj, VW);
-        for (Func output : {Func(dk), Func(dv)}) {
-            output.fuse(g, bb, task).parallel(task).vectorize(c, VW, TailStrategy::GuardWithIf);
-        }
-        const LoopLevel per_kv_task(kv_sum, kt), per_query_block(kv_sum, kv_blocks.x);
-        for (Func f : {kv_k, kv_v}) f.compute_at(per_kv_task).vectorize(jj, VW);
-        for (Func f : {kv_q, kv_dout}) f.compute_at(per_query_block).vectorize(c, VW, TailStrategy::GuardWithIf);
-        // (P̃, dS) stored per block, each register tile of scores computed as it is stored.
-        register_tiled(kv_weights, kv_score, jj, ii, rc, per_query_block);
-        register_tiled(kv_dp.in(), kv_dp, jj, ii, rcv, per_query_block);
-        register_tiled(dk_block.in(), dk_block, jj, c, rq, per_query_block);
-        register_tiled(dv_block.in(), dv_block, jj, c, rq, per_query_block);
-        for (Func f : {kv_weights, kv_dp.in(), dk_block.in(), dv_block.in()}) {
-            f.bound_extent(qb, 1).bound_extent(r, 1).bound_extent(kt, 1).bound_extent(g, 1);
+        for (Func output : {Func(dk), Func(dv), Func(dq)}) {
+            const std::vector<Var> dims = output.args();  // (c, row, head, batch)
+            output.fuse(dims[2], dims[3], task).parallel(task).vectorize(c, VW, TailStrategy::GuardWithIf);
         }
 
-        // ---- dQ ----
-        dq.split(i, qt, ii, TQ, TailStrategy::GuardWithIf)
-            .reorder(c, ii, qt, h, bb)
-            .fuse(qt, h, task)
-            .fuse(task, bb, task)
-            .parallel(task);
-        if (!generic()) dq.unroll(c);
-        const LoopLevel per_dq_task(dq, task), per_key_block(dq_sum, dq_blocks.x);
-        for (Func f : {dq_q, dq_dout}) f.compute_at(per_dq_task).bound_storage(qt, 1).vectorize(ii, VW);
-        dq_sum.compute_at(per_dq_task).bound_storage(qt, 1).vectorize(ii, VW);
-        dq_sum.update().reorder(ii, c, dq_blocks).vectorize(ii, VW);
-        register_tiled(dq_ds, dq_score, ii, jj, rc, per_key_block);
-        register_tiled(dq_dp.in(), dq_dp, ii, jj, rcv, per_key_block);
-        register_tiled(dq_block.in(), dq_block, ii, c, rk, per_key_block);
-        for (Func f : {dq_ds, dq_dp.in(), dq_block.in()}) f.bound_extent(kb, 1);
-        // 16-bit k and v widened once per block (each element is read by every row).
-        if (Type(element_type) != Float(32)) {
-            for (Func f : {dq_k, dq_v}) {
-                f.compute_at(per_key_block).vectorize(c, VW, TailStrategy::GuardWithIf).store_in(MemoryType::Stack);
-            }
+        const LoopLevel per_key_tile(kv_sums, key_pairs.w), per_pair(kv_sums, key_pairs.y);
+        for (Func f : {kv_k, kv_v}) f.compute_at(per_key_tile).vectorize(jj, VW);
+        if (Type(element_type) != Float(32)) {  // widened once per tile (each element is read by every row)
+            kv_k_rows.compute_at(per_key_tile).vectorize(c, VW, TailStrategy::GuardWithIf);
+        }
+        for (Func f : {kv_q, kv_dout}) {
+            f.compute_at(per_pair).bound_extent(qb, 1).bound_extent(h, 1).store_in(MemoryType::Stack)
+                .vectorize(c, VW, TailStrategy::GuardWithIf);
+        }
+        // (P̃, dS) stored per block, each register tile of scores computed as it is stored.
+        register_tiled(kv_weights, kv_score, jj, ii, rc, per_pair);
+        kv_weights.specialize(drop_threshold == u32(0));  // only calls with dropout pay for the hash
+        register_tiled(kv_dp.in(), kv_dp, jj, ii, rcv, per_pair);
+        register_tiled(dk_block.in(), dk_block, jj, c, rq, per_pair);
+        register_tiled(dv_block.in(), dv_block, jj, c, rq, per_pair);
+        register_tiled(dq_part.in(), dq_part, c, ii, rj, per_pair, dq_tile_vectors, dq_tile_cols);
+        for (Func f : {kv_weights, kv_dp.in(), dk_block.in(), dv_block.in(), dq_part.in()}) {
+            f.bound_extent(qb, 1).bound_extent(r, 1).bound_extent(kt, 1).bound_extent(g, 1);
         }
     }
 

@@ -12,8 +12,8 @@
 namespace attend::detail {
 namespace {
 
-// One kernel call for the whole of p.
-void run_backward_call(const Problem &p, const Options &options) {
+// One kernel call for the whole of p, its kv heads' keys run as key_splits tasks each.
+void run_backward_call(const Problem &p, const Options &options, int32_t key_splits) {
     const KernelEntry &kernel = *p.selection.kernel;
     const bool gpu = kernel.device != Device::CPU;
     const size_t bytes = kernel.element.bytes();
@@ -59,6 +59,7 @@ void run_backward_call(const Problem &p, const Options &options) {
     a.lse = &lse_buf.buffer;
     a.dout = &dout_buf.buffer;
     set_shared_scalars(a, p);
+    a.key_splits = key_splits;
     a.dq = &dq_buf.buffer;
     a.dk = &dk_buf.buffer;
     a.dv = &dv_buf.buffer;
@@ -82,7 +83,11 @@ void run_backward(const Problem &p, const Options &options) {
             copy_into(zeros(*t, t->shape[3], bytes, zero_storage), *t, bytes);
         }
     } else {
-        for (const Piece &piece : p.pieces) run_backward_call(p.pieces.size() == 1 ? p : piece_of(p, piece), options);
+        // The whole call's splits in every piece: its pieces give the whole call's bits.
+        const int32_t key_splits = backward_key_splits(p);
+        for (const Piece &piece : p.pieces) {
+            run_backward_call(p.pieces.size() == 1 ? p : piece_of(p, piece), options, key_splits);
+        }
     }
     if (p.selection.kernel->device == Device::CPU || p.empty()) {
         for (const TensorView *t : {&p.grad_q, &p.grad_k, &p.grad_v}) mark_host_written(*t);

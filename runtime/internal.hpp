@@ -91,6 +91,14 @@ Problem validate_backward(const TensorView &q, const TensorView &k, const Tensor
 // (one row of one head), or that would need pieces on device memory.
 std::vector<Piece> plan_pieces(const Problem &p, Operation op);
 
+// How many tasks a CPU backward kernel runs each kv head's keys as, each with its
+// own float32 share of dq: enough for about kBackwardTasks tasks in all, as far
+// as one kv head's sums stay within the bound on a call's sums (plan_pieces cuts
+// calls to it with these splits). From the whole call's shape alone (never the
+// thread count), the same in each of its pieces: dq's bits depend on it. 1 on a GPU.
+constexpr int64_t kBackwardTasks = 32;
+int32_t backward_key_splits(const Problem &p);
+
 // The piece of p as a call of its own: views of p's tensors at the piece, its
 // offsets (query, key, batch, head, causal) keeping every position global.
 Problem piece_of(const Problem &p, const Piece &piece);

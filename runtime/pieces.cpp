@@ -4,7 +4,7 @@
 // whole batches first, then whole groups of heads (each a kv head's), then
 // heads of one group, then query rows and keys (the forward only; key pieces of the same rows are
 // merged by their log-sum-exp, exactly as shards are). A CPU backward also runs
-// in batches or kv heads when its float32 dK/dV sums would pass kMaxKvSumBytes.
+// in batches or kv heads when its float32 sums would pass kMaxBackwardSumBytes.
 // Every piece keeps global positions through its offsets, so masks, causal and
 // dropout see the whole call.
 #include <algorithm>
@@ -18,9 +18,19 @@ namespace {
 
 std::atomic<int64_t> max_view_elements{INT32_MAX};
 
-// The backward's dK/dV pipeline sums dk and dv in float32 for all of a call's
-// keys before it writes them (2·4·b·hk·m·d bytes): a CPU call keeps that under this.
-constexpr int64_t kMaxKvSumBytes = int64_t(32) << 20;
+// A CPU backward kernel sums dk and dv in float32 for all of a call's keys, and
+// each task's share of dq for all of its rows, before it writes them: a call keeps
+// those sums under this (backward_sum_bytes).
+constexpr int64_t kMaxBackwardSumBytes = int64_t(32) << 20;
+
+// The float32 sums of a CPU backward call of these extents, with each kv head's
+// keys run as `splits` tasks (a share of dq each).
+int64_t backward_sum_bytes(const Problem &p, int64_t batches, int64_t heads, int64_t splits) {
+    const KernelEntry &kernel = *p.selection.kernel;
+    const int64_t d = p.selection.padded ? kernel.head_dim : p.d, dv = p.selection.padded ? kernel.head_dim : p.dv;
+    const int64_t kv_heads = std::max<int64_t>(1, heads / p.group());
+    return int64_t(sizeof(float)) * batches * (kv_heads * p.m * (d + dv) + splits * heads * p.n * d);
+}
 
 [[noreturn]] void fail(const std::string &message) { throw std::invalid_argument("attend: " + message); }
 
@@ -114,16 +124,27 @@ std::string span_text(const TensorView &t, int64_t span) {
 
 }  // namespace
 
+int32_t backward_key_splits(const Problem &p) {
+    if (p.selection.kernel->device != Device::CPU || p.empty()) return 1;
+    const int64_t tasks = p.b * p.kv_heads, wanted = (kBackwardTasks + tasks - 1) / tasks;
+    // As many as one kv head's sums allow (the smallest piece of a backward call).
+    const int64_t one_kv_head = backward_sum_bytes(p, 1, p.group(), 0);
+    const int64_t share = backward_sum_bytes(p, 1, p.group(), 1) - one_kv_head;
+    const int64_t allowed = share > 0 ? (kMaxBackwardSumBytes - one_kv_head) / share : wanted;
+    return int32_t(std::clamp<int64_t>(std::min(wanted, allowed), 1, 64));
+}
+
 std::vector<Piece> plan_pieces(const Problem &p, Operation op) {
     const int64_t group = p.group();
     const Piece whole{0, p.b, 0, p.h, 0, p.n, 0, p.m};
     if (p.empty() || p.m == 0) return {whole};
     const KernelEntry &kernel = *p.selection.kernel;
-    const bool bound_kv_sums = op == Operation::Backward && kernel.device == Device::CPU;
-    const int64_t sum_width = p.selection.padded ? 2 * kernel.head_dim : p.d + p.dv;
+    const bool bound_sums = op == Operation::Backward && kernel.device == Device::CPU;
+    const int64_t key_splits = bound_sums ? backward_key_splits(p) : 1;
     auto fits = [&](const Piece &e) {
         const int64_t kv_heads = e.batches * kv_heads_of(e, group);  // a soft bound: one kv head runs whatever
-        if (bound_kv_sums && kv_heads > 1 && kv_heads * p.m * sum_width * int64_t(sizeof(float)) > kMaxKvSumBytes) {
+        if (bound_sums && kv_heads > 1 &&
+            backward_sum_bytes(p, e.batches, e.heads, key_splits) > kMaxBackwardSumBytes) {
             return false;
         }
         return too_large(p, e) == nullptr;

@@ -238,6 +238,22 @@ inline std::vector<BackwardCase> backward_cases(int64_t d) {
         o.seed = 11;
         add("global positions (a shard: rows 1000.., keys 1030..), causal, dropout", s, o);
     }
+    {
+        // 32 kv heads: a CPU kernel runs each kv head's key tiles as one task.
+        ProblemSpec s = spec_of(2, 16, 45, 110, d);
+        s.mask = true;
+        s.mask_keep = 0.7;
+        add("32 kv heads, a mask (each kv head's keys one task)", s);
+    }
+    {
+        // One kv head, 1700 keys: a CPU kernel cuts its key tiles into 32 runs
+        // (the last ones empty) that sum their shares of dq.
+        ProblemSpec s = spec_of(1, 1, 20, 1700, d);
+        Options o;
+        o.causal = true;
+        o.causal_align = CausalAlign::BottomRight;
+        add("one kv head, 1700 keys, causal bottom-right (the keys in many tasks)", s, o);
+    }
     return cases;
 }
 

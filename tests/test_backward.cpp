@@ -118,8 +118,8 @@ TEST_CASE("backward: dropout p = 0, 0.1, 0.5 and 1 (training) equal the oracle")
 }
 
 TEST_CASE("backward: calls whose dk/dv sums pass 32 MiB run in slices at the call's positions") {
-    // runtime/backward.cpp keeps the dK/dV pipeline's float32 sums (8·b·hk·m·d
-    // bytes) under 32 MiB by slicing: here 40 MiB, as slices of whole batches
+    // runtime/pieces.cpp keeps a CPU kernel's float32 sums (dk and dv: 8·b·hk·m·d
+    // bytes; dq's shares, small here) under 32 MiB by slicing: here 40 MiB, as slices of whole batches
     // (3 batches of 2 kv heads: 2 + 1) and of kv heads in a batch (5: 4 + 1).
     // Dropout hashes the global batch and head, so a slice seen from index 0
     // would drop other weights.

@@ -164,6 +164,59 @@ TEST_CASE("call_kernel passes each field of ForwardKernelArgs as the parameter o
     CHECK(received.lse == sent.lse);
 }
 
+namespace {
+// The same for the backward (ATTEND_BACKWARD_KERNEL_PARAMS).
+BackwardKernelArgs received_backward;
+int records_its_backward_arguments ATTEND_BACKWARD_KERNEL_PARAMS {
+    (void)user_context;
+    BackwardKernelArgs &r = received_backward;
+    r.q = q, r.k = k, r.v = v, r.mask = mask, r.out = out, r.lse = lse, r.dout = dout;
+    r.scale = scale, r.causal = causal, r.has_mask = has_mask;
+    r.drop_threshold = drop_threshold, r.keep_scale = keep_scale, r.seed_lo = seed_lo, r.seed_hi = seed_hi;
+    r.causal_offset = causal_offset, r.query_offset = query_offset, r.key_offset = key_offset;
+    r.batch_offset = batch_offset, r.head_offset = head_offset, r.all_keys_rows = all_keys_rows;
+    r.key_splits = key_splits;
+    r.dq = dq, r.dk = dk, r.dv = dv;
+    return 0;
+}
+}  // namespace
+
+TEST_CASE("call_kernel passes each field of BackwardKernelArgs as the parameter of the same name") {
+    BackwardKernelArgs sent;  // a distinct value in every field
+    sent.q = fake_buffer(16), sent.k = fake_buffer(32), sent.v = fake_buffer(48), sent.mask = fake_buffer(64);
+    sent.out = fake_buffer(80), sent.lse = fake_buffer(96), sent.dout = fake_buffer(112);
+    sent.scale = 0.5f, sent.causal = true, sent.has_mask = false, sent.drop_threshold = 7, sent.keep_scale = 1.25f;
+    sent.seed_lo = 11, sent.seed_hi = 13, sent.causal_offset = 17, sent.query_offset = 29, sent.key_offset = 31;
+    sent.batch_offset = 37, sent.head_offset = 41, sent.all_keys_rows = 19, sent.key_splits = 23;
+    sent.dq = fake_buffer(128), sent.dk = fake_buffer(144), sent.dv = fake_buffer(160);
+    CHECK(call_kernel(records_its_backward_arguments, nullptr, sent) == 0);
+    const BackwardKernelArgs &r = received_backward;
+    CHECK(r.q == sent.q);
+    CHECK(r.k == sent.k);
+    CHECK(r.v == sent.v);
+    CHECK(r.mask == sent.mask);
+    CHECK(r.out == sent.out);
+    CHECK(r.lse == sent.lse);
+    CHECK(r.dout == sent.dout);
+    CHECK(r.scale == sent.scale);
+    CHECK(r.causal == sent.causal);
+    CHECK(r.has_mask == sent.has_mask);
+    CHECK(r.drop_threshold == sent.drop_threshold);
+    CHECK(r.keep_scale == sent.keep_scale);
+    CHECK(r.seed_lo == sent.seed_lo);
+    CHECK(r.seed_hi == sent.seed_hi);
+    CHECK(r.causal_offset == sent.causal_offset);
+    CHECK(r.query_offset == sent.query_offset);
+    CHECK(r.key_offset == sent.key_offset);
+    CHECK(r.batch_offset == sent.batch_offset);
+    CHECK(r.head_offset == sent.head_offset);
+    CHECK(r.all_keys_rows == sent.all_keys_rows);
+    CHECK(r.key_splits == sent.key_splits);
+    CHECK(r.dq == sent.dq);
+    CHECK(r.dk == sent.dk);
+    CHECK(r.dv == sent.dv);
+}
+
 TEST_CASE("select_kernel(KernelRequest): the kernel, the CPU target and padding forward() would use") {
     const int d = int(built_head_dims().front());
     KernelRequest request;

@@ -79,6 +79,7 @@ struct BackwardKernelArgs {
     int32_t batch_offset = 0;
     int32_t head_offset = 0;
     int32_t all_keys_rows = 0;  // causal: rows below it may have every key masked (they weigh every key for dv)
+    int32_t key_splits = 1;     // CPU: tasks per kv head (dq's bits depend on it: chosen from the shape alone)
     halide_buffer_t *dq = nullptr, *dk = nullptr, *dv = nullptr;
 };
 
@@ -87,19 +88,18 @@ struct BackwardKernelArgs {
      halide_buffer_t *out, halide_buffer_t *lse, halide_buffer_t *dout, float scale, bool causal, bool has_mask,  \
      uint32_t drop_threshold, float keep_scale, uint32_t seed_lo, uint32_t seed_hi, int32_t causal_offset,       \
      int32_t query_offset, int32_t key_offset, int32_t batch_offset, int32_t head_offset, int32_t all_keys_rows,   \
-     halide_buffer_t *dq, halide_buffer_t *dk,                                                                    \
-     halide_buffer_t *dv)
+     int32_t key_splits, halide_buffer_t *dq, halide_buffer_t *dk, halide_buffer_t *dv)
 using BackwardKernel = int(*) ATTEND_BACKWARD_KERNEL_PARAMS;
 
 inline constexpr const char *kBackwardKernelArgNames[] = {
     "q", "k", "v", "mask", "out", "lse", "dout", "scale", "causal", "has_mask", "drop_threshold", "keep_scale",
     "seed_lo", "seed_hi", "causal_offset", "query_offset", "key_offset", "batch_offset", "head_offset",
-    "all_keys_rows", "dq", "dk", "dv"};
+    "all_keys_rows", "key_splits", "dq", "dk", "dv"};
 
 inline int call_kernel(BackwardKernel kernel, const void *user_context, const BackwardKernelArgs &a) {
     return kernel(user_context, a.q, a.k, a.v, a.mask, a.out, a.lse, a.dout, a.scale, a.causal, a.has_mask,
                   a.drop_threshold, a.keep_scale, a.seed_lo, a.seed_hi, a.causal_offset, a.query_offset, a.key_offset,
-                  a.batch_offset, a.head_offset, a.all_keys_rows, a.dq, a.dk, a.dv);
+                  a.batch_offset, a.head_offset, a.all_keys_rows, a.key_splits, a.dq, a.dk, a.dv);
 }
 
 // The function type of each operation's kernels (the table checks the generated
