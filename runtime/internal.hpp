@@ -92,11 +92,13 @@ Problem validate_backward(const TensorView &q, const TensorView &k, const Tensor
 std::vector<Piece> plan_pieces(const Problem &p, Operation op);
 
 // How many tasks a CPU backward kernel runs each kv head's keys as, each with its
-// own float32 share of dq: enough for about kBackwardTasks tasks in all, as far
-// as one kv head's sums stay within the bound on a call's sums (plan_pieces cuts
-// calls to it with these splits). From the whole call's shape alone (never the
-// thread count), the same in each of its pieces: dq's bits depend on it. 1 on a GPU.
-constexpr int64_t kBackwardTasks = 32;
+// own float32 share of dq: enough for about kBackwardTasks tasks in all, each of
+// at least kMinBackwardTaskKeys keys (more, smaller tasks measured slower: the
+// shares cost their zeroing and their sum), as far as one kv head's sums stay
+// within the bound on a call's sums (plan_pieces cuts calls to it with these
+// splits). From the whole call's shape alone (never the thread count), the
+// same in each of its pieces: dq's bits depend on it. 1 on a GPU.
+constexpr int64_t kBackwardTasks = 32, kMinBackwardTaskKeys = 256;
 int32_t backward_key_splits(const Problem &p);
 
 // The piece of p as a call of its own: views of p's tensors at the piece, its

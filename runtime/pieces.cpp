@@ -131,7 +131,8 @@ int32_t backward_key_splits(const Problem &p) {
     const int64_t one_kv_head = backward_sum_bytes(p, 1, p.group(), 0);
     const int64_t share = backward_sum_bytes(p, 1, p.group(), 1) - one_kv_head;
     const int64_t allowed = share > 0 ? (kMaxBackwardSumBytes - one_kv_head) / share : wanted;
-    return int32_t(std::clamp<int64_t>(std::min(wanted, allowed), 1, 64));
+    const int64_t by_keys = p.m / kMinBackwardTaskKeys;
+    return int32_t(std::clamp<int64_t>(std::min({wanted, allowed, by_keys}), 1, 64));
 }
 
 std::vector<Piece> plan_pieces(const Problem &p, Operation op) {

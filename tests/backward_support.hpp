@@ -246,13 +246,14 @@ inline std::vector<BackwardCase> backward_cases(int64_t d) {
         add("32 kv heads, a mask (each kv head's keys one task)", s);
     }
     {
-        // One kv head, 1700 keys: a CPU kernel cuts its key tiles into 32 runs
-        // (the last ones empty) that sum their shares of dq.
-        ProblemSpec s = spec_of(1, 1, 20, 1700, d);
+        // One kv head, 2590 keys: a CPU kernel runs its key tiles as 10 tasks
+        // that sum their shares of dq (with 48-key tiles: 9 runs of 6 tiles
+        // and an empty one).
+        ProblemSpec s = spec_of(1, 1, 20, 2590, d);
         Options o;
         o.causal = true;
         o.causal_align = CausalAlign::BottomRight;
-        add("one kv head, 1700 keys, causal bottom-right (the keys in many tasks)", s, o);
+        add("one kv head, 2590 keys, causal bottom-right (the keys in many tasks)", s, o);
     }
     return cases;
 }
