@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "bench"))
-from compare_torch import attend_bench, ceiling_of, fma_peak, median_ms, seed_attend_class, torch_inputs  # noqa: E402
+from compare_torch import attend_bench, ceiling_of, fma_peak, median_ms, plot, seed_attend_class, torch_inputs  # noqa: E402
 
 
 def parse_args():
@@ -47,6 +47,7 @@ def parse_args():
     ap.add_argument("--training-n", type=int, nargs="*", default=[1024],
                     help="n = m of the training-step rows (none: no training step)")
     ap.add_argument("--json", default=str(REPO / "bench" / "results" / "compare_backward.json"))
+    ap.add_argument("--plot", default=str(REPO / "bench" / "results" / "compare_backward.png"))
     return ap.parse_args()
 
 
@@ -189,7 +190,8 @@ def main():
     Path(args.json).write_text(json.dumps(dict(threads=args.threads, fma_peak_gflops=peak, fma_peak_measurements=peaks,
                                                torch=torch.__version__, rounds=args.rounds, repeats=args.repeats,
                                                rows=rows, training_steps=training), indent=1))
-    print(f"wrote {args.json}")
+    plot(rows, peak, args.plot, what="fp32 backward")
+    print(f"wrote {args.json} and {args.plot}")
 
 
 if __name__ == "__main__":

@@ -304,7 +304,7 @@ def main():
         print(f"wrote {args.json}")
 
 
-def plot(rows, peak, path, decode=(), bandwidth=None):
+def plot(rows, peak, path, decode=(), bandwidth=None, what="fp32"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -323,10 +323,10 @@ def plot(rows, peak, path, decode=(), bandwidth=None):
                             label=f"{impl}{' causal' if causal else ''}")
         if peak:
             ax.axhline(peak, color="gray", linewidth=1)
-            ax.text(64, peak * 0.97, "FMA peak", va="top", fontsize=8, color="gray")
+            ax.text(min(r["n"] for r in rows), peak * 0.97, "FMA peak", va="top", fontsize=8, color="gray")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("n = m")
-        ax.set_title(f"fp32, b=2, h=8, d={d}")
+        ax.set_title(f"{what}, b=2, h=8, d={d}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("GFLOP/s")
     axes[1].legend(fontsize=7)
