@@ -125,8 +125,10 @@ private:
     // and dout, its scores and dP, (P̃, dS), the block's products, the sums.
     Func kv_k{"kv_k"}, kv_v{"kv_v"}, kv_q{"kv_q"}, kv_dout{"kv_dout"}, kv_score{"kv_score"}, kv_dp{"kv_dp"},
         kv_weights{"kv_weights"}, dk_block{"dk_block"}, dv_block{"dv_block"}, kv_sum{"kv_sum"};
-    // Fused (CPU): k with c innermost, a pair of blocks' share of dQ, the sums.
-    Func kv_k_rows{"kv_k_rows"}, dq_part{"dq_part"}, kv_sums{"kv_sums"}, dq_sums{"dq_sums"}, dq_total{"dq_total"};
+    // One pass (CPU): k with c innermost, a pair of blocks' share of dQ, the sums
+    // (dk and dv per key tile; dq per task, a share per run of tiles), dq.
+    Func kv_k_rows{"kv_k_rows"}, dq_part{"dq_part"}, dk_dv_sums{"dk_dv_sums"}, dq_shares{"dq_shares"},
+        dq_total{"dq_total"};
     // dQ pipeline (rows on lanes): the tile's q and dout transposed, a block's k
     // and v, its scores and dP, dS, the block's product, the sum.
     Func dq_q{"dq_q"}, dq_dout{"dq_dout"}, dq_k{"dq_k"}, dq_v{"dq_v"}, dq_score{"dq_score"}, dq_dp{"dq_dp"},
@@ -137,7 +139,7 @@ private:
     // A CPU sums dQ in the dK/dV pass (five products per pair of blocks; a task
     // owns its share of dQ); a GPU's thread blocks cannot share dQ's sums
     // without atomics, so dQ is a pass of its own there (seven products).
-    bool fused() const { return !get_target().has_gpu_feature(); }
+    bool one_pass() const { return !get_target().has_gpu_feature(); }
 
     // P̃ and dS of the pair (row, key) of head hh, batch b, from its score (log2
     // units, unmasked) and dP. Rows and keys past the end give 0.
@@ -212,13 +214,14 @@ private:
             auto first_block = [&](Expr tile) {
                 return select(all_keys_rows > 0, 0, clamp(tile * BK - causal_offset, 0, N)) / BQ;
             };
-            if (fused()) {
+            if (one_pass()) {
                 // dQ's share of the pair of blocks: Σ over the tile's keys of dS_ij k_j
                 // (k with the head dim innermost, on the lanes).
                 rj = RDom(0, BK, "rj");
                 kv_k_rows(c, jj, kt, g, bb) = widen(k(clamp(c, 0, D - 1), key_in, g, bb), element_type);
                 dq_part(c, ii, qb, r, kt, g, bb) = 0.0f;
-                dq_part(c, ii, qb, r, kt, g, bb) += kv_weights(rj, ii, qb, r, kt, g, bb)[1] * kv_k_rows(c, rj, kt, g, bb);
+                dq_part(c, ii, qb, r, kt, g, bb) +=
+                    kv_weights(rj, ii, qb, r, kt, g, bb)[1] * kv_k_rows(c, rj, kt, g, bb);
 
                 // Each task, a split of the key tiles of one kv head (key_splits of
                 // them, so that few kv heads still give every thread work), sums dK
@@ -237,23 +240,25 @@ private:
                 key_pairs = pairs(BK);
                 row_pairs = pairs(BQ);
                 Expr tile = key_pairs[4] * split_tiles + key_pairs[3];
-                auto key_part = [&](Func block) { return block(key_pairs.x, c, key_pairs.z, key_pairs.y, tile, g, bb); };
-                kv_sums(jj, c, kt, g, bb) = Tuple(0.0f, 0.0f);
-                kv_sums(key_pairs.x, c, tile, g, bb) += Tuple(key_part(dk_block), key_part(dv_block));
+                auto key_part = [&](Func block) {
+                    return block(key_pairs.x, c, key_pairs.z, key_pairs.y, tile, g, bb);
+                };
+                dk_dv_sums(jj, c, kt, g, bb) = Tuple(0.0f, 0.0f);
+                dk_dv_sums(key_pairs.x, c, tile, g, bb) += Tuple(key_part(dk_block), key_part(dv_block));
                 // A split's share of dQ for row i of the group's head r at (split·group + r)·rows + i.
                 auto share_row = [&](Expr split, Expr head_in_group, Expr row) {
                     return (split * group + head_in_group) * rows + row;
                 };
                 Expr row_tile = row_pairs[4] * split_tiles + row_pairs[3];
-                dq_sums(c, i, g, bb) = 0.0f;
-                dq_sums(c, share_row(row_pairs[4], row_pairs.y, row_pairs.z * BQ + row_pairs.x), g, bb) +=
+                dq_shares(c, i, g, bb) = 0.0f;
+                dq_shares(c, share_row(row_pairs[4], row_pairs.y, row_pairs.z * BQ + row_pairs.x), g, bb) +=
                     dq_part(c, row_pairs.x, row_pairs.z, row_pairs.y, row_tile, g, bb);
                 RDom split(0, splits, "split");
                 dq_total(c, i, h, bb) = 0.0f;
-                dq_total(c, i, h, bb) += dq_sums(c, share_row(split, h % group, i), h / group, bb);
+                dq_total(c, i, h, bb) += dq_shares(c, share_row(split, h % group, i), h / group, bb);
 
-                dk(c, j, g, bb) = narrow(kv_sums(j % BK, c, j / BK, g, bb)[0] * scale, element_type, storage_type());
-                dv(c, j, g, bb) = narrow(kv_sums(j % BK, c, j / BK, g, bb)[1], element_type, storage_type());
+                dk(c, j, g, bb) = narrow(dk_dv_sums(j % BK, c, j / BK, g, bb)[0] * scale, element_type, storage_type());
+                dv(c, j, g, bb) = narrow(dk_dv_sums(j % BK, c, j / BK, g, bb)[1], element_type, storage_type());
                 dq(c, i, h, bb) = narrow(dq_total(c, i, h, bb) * scale, element_type, storage_type());
             } else {
                 // Over the group's heads and the query blocks.
@@ -269,7 +274,7 @@ private:
         }
 
         // ---- dQ: tile qt of query rows of head h; key block kb ----
-        if (!fused()) {
+        if (!one_pass()) {
             Expr row = qt * TQ + ii, key = kb * KB + jj;
             Expr key_in = min(key, M - 1), row_in = min(row, N - 1);
             dq_q(ii, c, qt, h, bb) = widen(q(c, row_in, h, bb), element_type);
@@ -333,7 +338,7 @@ private:
         key_splits.set_estimate(1);
     }
 
-    // CPU: dK, dV and dQ in one pass (define_algorithm's fused sums).
+    // CPU: dK, dV and dQ in one pass (define_algorithm's one_pass() sums).
     void schedule_cpu() {
         const int VW = vector_width > 0 ? int(vector_width) : natural_vector_size<float>();
 
@@ -364,14 +369,14 @@ private:
         // buffers (the products in register tiles), added to the task's sums.
         // (The runs are a reduction domain's, so Halide cannot prove that they
         // write apart, which they do: each its own key tiles and share of dQ.)
-        kv_sums.compute_root().parallel(bb).parallel(g).vectorize(jj, VW, TailStrategy::GuardWithIf);
-        dq_sums.compute_root().parallel(bb).parallel(g).vectorize(c, VW, TailStrategy::GuardWithIf);
-        kv_sums.update().reorder(key_pairs.x, c, key_pairs.y, key_pairs.z, key_pairs.w, key_pairs[4], g, bb)
+        dk_dv_sums.compute_root().parallel(bb).parallel(g).vectorize(jj, VW, TailStrategy::GuardWithIf);
+        dq_shares.compute_root().parallel(bb).parallel(g).vectorize(c, VW, TailStrategy::GuardWithIf);
+        dk_dv_sums.update().reorder(key_pairs.x, c, key_pairs.y, key_pairs.z, key_pairs.w, key_pairs[4], g, bb)
             .parallel(bb).parallel(g).allow_race_conditions().parallel(key_pairs[4]).vectorize(key_pairs.x, VW);
-        dq_sums.update().reorder(c, row_pairs.x, row_pairs.y, row_pairs.z, row_pairs.w, row_pairs[4], g, bb)
+        dq_shares.update().reorder(c, row_pairs.x, row_pairs.y, row_pairs.z, row_pairs.w, row_pairs[4], g, bb)
             .parallel(bb).parallel(g).allow_race_conditions().parallel(row_pairs[4])
             .vectorize(c, VW, TailStrategy::GuardWithIf);
-        dq_sums.update().compute_with(kv_sums.update(), row_pairs.y);  // one loop nest down to the pair
+        dq_shares.update().compute_with(dk_dv_sums.update(), row_pairs.y);  // one loop nest down to the pair
         dq_total.compute_at(dq, i).vectorize(c, VW, TailStrategy::GuardWithIf);
         dq_total.update().vectorize(c, VW, TailStrategy::GuardWithIf);
         Var task("task");
@@ -380,7 +385,7 @@ private:
             output.fuse(dims[2], dims[3], task).parallel(task).vectorize(c, VW, TailStrategy::GuardWithIf);
         }
 
-        const LoopLevel per_key_tile(kv_sums, key_pairs.w), per_pair(kv_sums, key_pairs.y);
+        const LoopLevel per_key_tile(dk_dv_sums, key_pairs.w), per_pair(dk_dv_sums, key_pairs.y);
         for (Func f : {kv_k, kv_v}) f.compute_at(per_key_tile).vectorize(jj, VW);
         if (Type(element_type) != Float(32)) {  // widened once per tile (each element is read by every row)
             kv_k_rows.compute_at(per_key_tile).vectorize(c, VW, TailStrategy::GuardWithIf);
