@@ -231,15 +231,15 @@ private:
                 // splits' shares, in order.
                 Expr key_tiles = (M + BK - 1) / BK, rows = query_blocks * BQ;
                 Expr splits = clamp(key_splits, 1, key_tiles), split_tiles = (key_tiles + splits - 1) / splits;
+                auto tile_of = [&](const RDom &pair) { return pair[4] * split_tiles + pair[3]; };
                 auto pairs = [&](int block_rows) {
                     RDom pair({{0, block_rows}, {0, group}, {0, query_blocks}, {0, split_tiles}, {0, splits}}, "pair");
-                    Expr tile = pair[4] * split_tiles + pair[3];
-                    pair.where(tile < key_tiles && (!causal || pair[2] >= first_block(tile)));
+                    pair.where(tile_of(pair) < key_tiles && (!causal || pair[2] >= first_block(tile_of(pair))));
                     return pair;
                 };
                 key_pairs = pairs(BK);
                 row_pairs = pairs(BQ);
-                Expr tile = key_pairs[4] * split_tiles + key_pairs[3];
+                Expr tile = tile_of(key_pairs);
                 auto key_part = [&](Func block) {
                     return block(key_pairs.x, c, key_pairs.z, key_pairs.y, tile, g, bb);
                 };
@@ -249,7 +249,7 @@ private:
                 auto share_row = [&](Expr split, Expr head_in_group, Expr row) {
                     return (split * group + head_in_group) * rows + row;
                 };
-                Expr row_tile = row_pairs[4] * split_tiles + row_pairs[3];
+                Expr row_tile = tile_of(row_pairs);
                 dq_shares(c, i, g, bb) = 0.0f;
                 dq_shares(c, share_row(row_pairs[4], row_pairs.y, row_pairs.z * BQ + row_pairs.x), g, bb) +=
                     dq_part(c, row_pairs.x, row_pairs.z, row_pairs.y, row_tile, g, bb);
