@@ -725,7 +725,7 @@ int bench_command(const BenchArgs &a) {
     request.head_dim = a.d;
     request.value_dim = dv;
     request.features = Features{a.mask, a.causal, false};
-    request.rows_per_kv_head = kv_heads > 0 ? a.n * (a.h / kv_heads) : a.n * a.h;
+    request.rows_per_head = a.n;
     request.kernel = a.kernel;
     request.cpu_isa = options.cpu_isa;
     std::string why_not;
@@ -943,7 +943,7 @@ bool demo_decode(const DemoBatch &batch, std::map<DType, DemoInputs> &inputs) {
         request.dtype = kernel.dtype;
         request.head_dim = request.value_dim = batch.d;
         request.features = {true, true, false};
-        request.rows_per_kv_head = 1;
+        request.rows_per_head = 1;
         const auto selected = select_kernel(request);
         // Reported as the rate of reading k and v (the roofline of decoding).
         const double kv_bytes = 2.0 * double(batch.b * batch.h * batch.m * batch.d * int64_t(bytes));
@@ -1200,7 +1200,7 @@ int kernels_command(const std::string &device) {
         std::string targets;
         for (CpuIsa isa : k.cpu_isas) targets += std::string(targets.empty() ? "" : "+") + to_string(isa);
         const std::string rows =
-            k.max_rows > 0 ? ", decoding: picked for at most " + std::to_string(k.max_rows) + " rows per kv head" : "";
+            k.max_rows > 0 ? ", decoding: picked for at most " + std::to_string(k.max_rows) + " query rows per head" : "";
         std::printf("  %-32s %s, %s, %s, %s%s%s%s%s\n", k.name.c_str(), to_string(k.operation), to_string(k.device),
                     to_string(k.dtype),
                     k.head_dim ? ("d = dv = " + std::to_string(k.head_dim)).c_str() : "any d and dv", rows.c_str(),

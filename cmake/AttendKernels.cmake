@@ -2,7 +2,7 @@
 #                   DEVICE <cpu|cuda|opencl> HEAD_DIM <n|0> [DTYPE <float32|float16|bfloat16>]
 #                   [ROWS <n>] TARGETS <halide targets...> [PARAMS <k=v>...])
 #
-# ROWS: a kernel made for calls with at most n query rows per kv head (decoding);
+# ROWS: a kernel made for calls with at most n query rows per head (decoding);
 # select_kernel prefers it for such calls and never picks it for others.
 # Stamps out one kernel variant of a generator (one of attend_generator's, e.g.
 # `attention`) as a Halide library that uses the project's one shared Halide

@@ -13,7 +13,8 @@
 // decode kernels, run the chunks in parallel). Scores are kept in log2 units (q
 // is scaled once by scale * log2(e)) so the softmax uses 2^x.
 //
-// A task is the rows of one head (tiles of query_tile rows), or with decode=true
+// A task is the rows of one head (tiles of query_tile rows; on a CPU, a call of
+// a few rows per head runs tiles of one register tile's height), or with decode=true
 // the rows of every head of one kv head's group in one tile, so that decoding
 // (a few queries over a long KV cache) reads k and v once per group.
 #include <algorithm>
@@ -47,9 +48,9 @@ public:
     GeneratorParam<int> score_cols{"score_cols", 4};
     GeneratorParam<int> pv_row_vectors{"pv_row_vectors", 3};
     GeneratorParam<int> pv_cols{"pv_cols", 4};
-    // CPU, with a head_dim: each task copies v, widened to float32, into panels
-    // of one SIMD vector of columns, keys consecutive within a panel, which the
-    // P·V register tiles read with unit stride (the copy is made once per task
+    // CPU, with a head_dim: each run of tiles copies v, widened to float32, into
+    // panels of one SIMD vector of columns, keys consecutive within a panel, which
+    // the P·V register tiles read with unit stride (the copy is made once per run
     // and read by all of its tiles; see schedule_cpu). It pays with AVX2's tiles
     // in tuning/cpu.json (32 rows, P·V 2 x 4); with 48 rows and 3 x 4 it did not.
     GeneratorParam<bool> v_panels{"v_panels", false};
@@ -164,13 +165,29 @@ private:
 
     int cpu_vector_width() const { return vector_width > 0 ? int(vector_width) : natural_vector_size<float>(); }
 
+    // A CPU call with at most one register tile's rows per head (a few new
+    // queries over a KV cache, where the decode kernel's row-by-row passes lose
+    // from about 12 rows) runs tiles of that height instead of query_tile rows,
+    // most of them discarded; other calls run tiles of query_tile rows. (GPU
+    // and decode: query_tile.)
+    int short_tile_rows() const {
+        const int TQ = query_tile, rows = cpu_vector_width() * std::max<int>(score_row_vectors, pv_row_vectors);
+        const bool cpu_tiles = !decode && !get_target().has_gpu_feature() && !using_autoscheduler();
+        return cpu_tiles && rows < TQ && TQ % rows == 0 ? rows : TQ;
+    }
+    Expr tile_rows() const {
+        const int TQ = query_tile, rows = short_tile_rows();
+        return rows < TQ ? select(q.dim(1).extent() <= rows, rows, TQ) : Expr(TQ);
+    }
+
     // Whether P·V reads v from per-task panels (the CPU's forward kernels with a head_dim).
     bool uses_v_panels() const {
         return v_panels && !generic() && !decode && !get_target().has_gpu_feature() && !using_autoscheduler();
     }
 
     void define_algorithm() {
-        const int TQ = query_tile, BK = key_block;
+        const int BK = key_block;
+        Expr TQ = tile_rows();
         Expr N = q.dim(1).extent(), M = k.dim(1).extent();
         Expr H = q.dim(2).extent(), HK = k.dim(2).extent();
         Expr D = generic() ? q.dim(0).extent() : Expr(int(head_dim));
@@ -351,14 +368,16 @@ private:
         query_splits.set_estimate(1);
     }
 
-    // CPU: one task per (run of consecutive tiles of query rows, head, batch),
-    // query_splits runs per head; a task copies v into panels once, then runs its
-    // tiles in turn. In a tile the blocks of keys run in order, each computing its
+    // CPU: one task per (head, batch), inside it query_splits runs of consecutive
+    // tiles of query rows, in parallel (a nested parallel loop: fused with the
+    // head, the run loop's extent, which depends on the tile height, would hide
+    // the head's bounds from Halide); a run copies v into panels once, then runs
+    // its tiles in turn. In a tile the blocks of keys run in order, each computing its
     // scores, weights and partial products into small buffers, with the rows of
     // the tile on the SIMD lanes.
     void schedule_cpu() {
         const int VW = cpu_vector_width();
-        const int TQ = query_tile;
+        Expr TQ = tile_rows();
         Var task("task"), run("run"), tile("tile");
 
         Expr tiles = (q.dim(1).extent() + TQ - 1) / TQ;
@@ -367,9 +386,9 @@ private:
         out.split(i, io, ii, TQ, TailStrategy::GuardWithIf)
             .split(io, run, tile, tiles_per_run, TailStrategy::GuardWithIf)
             .reorder(c, ii, tile, run, hq, bb)
-            .fuse(run, hq, task)
-            .fuse(task, bb, task)
-            .parallel(task);
+            .fuse(hq, bb, task)
+            .parallel(task)
+            .parallel(run);
         if (!generic()) out.unroll(c);
         // A tile's buffers hold one tile (Halide cannot see that through the tail
         // guard): a constant size keeps them off the heap.
@@ -415,10 +434,10 @@ private:
         // Weights times v.
         register_tiled(block_out.in(), block_out, c, rj, pv_row_vectors, pv_cols);
 
-        // v's panels: copied once per task, for the keys its tiles visit (a
+        // v's panels: copied once per run, for the keys its tiles visit (a
         // panel's keys read from v's rows, written side by side).
         if (uses_v_panels()) {
-            v_panel.compute_at(out, task)
+            v_panel.compute_at(out, run)
                 .bound(e, 0, VW)
                 .bound(c, 0, int(head_dim) / VW)
                 .reorder(e, jj, c, kb)
@@ -442,6 +461,13 @@ private:
         // One key block each (Halide cannot see it through the chunk arithmetic
         // where causal blocks are skipped).
         for (Func f : {masked_score, block_max, weight, block_sum, block_out}) f.bound_extent(kb, 1);
+        // A tile's buffers have room for query_tile rows, or one register tile
+        // if that is higher (a lower tile is computed as one); a short tile uses
+        // part of them. A constant size keeps them on the stack.
+        const int tile_room = std::max<int>(query_tile, VW * std::max<int>(score_row_vectors, pv_row_vectors));
+        for (Func f : {q_scaled, merged, row_lse, state, masked_score, block_max, weight, block_sum, block_out.in()}) {
+            f.bound_storage(ii, tile_room);
+        }
 
         // Dropout costs a hash per weight: only the path with it on pays. Only the
         // weights are specialized (they meet the hash there), so the rest of the

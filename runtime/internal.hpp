@@ -73,7 +73,6 @@ struct Problem {
     std::vector<Piece> pieces;
     bool empty() const { return b == 0 || h == 0 || n == 0 || dv == 0; }
     int64_t group() const { return kv_heads > 0 ? h / kv_heads : 0; }  // heads per kv head
-    int64_t rows_per_kv_head() const { return n * group(); }           // the query rows that read one kv head
 };
 
 // Throws std::invalid_argument naming the argument, the expectation and what was given.

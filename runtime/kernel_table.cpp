@@ -104,7 +104,7 @@ bool fits_padded(const KernelEntry &e, int64_t head_dim, int64_t value_dim) {
     return e.device != Device::CPU && e.head_dim >= std::max(head_dim, value_dim);
 }
 
-// The build's kernel for a request: for a call of few rows per kv head the
+// The build's kernel for a request: for a call of few query rows per head the
 // decode kernel of its head dim, else a specialised one (in build order), else
 // the generic one, else the smallest GPU kernel it fits padded.
 const KernelEntry *choose(const KernelRequest &r, Device device, std::string &why_not) {
@@ -117,7 +117,7 @@ const KernelEntry *choose(const KernelRequest &r, Device device, std::string &wh
         any_of_operation = true;
         if (e.dtype != r.dtype) continue;
         if (e.max_rows > 0) {
-            const bool few_rows = r.rows_per_kv_head > 0 && r.rows_per_kv_head <= e.max_rows;
+            const bool few_rows = r.rows_per_head > 0 && r.rows_per_head <= e.max_rows;
             if (few_rows && fits(e, r.head_dim, r.value_dim) && !decode) decode = &e;
             continue;
         }

@@ -414,7 +414,7 @@ void select_kernel_for(Problem &p, Operation op, const Options &options) {
     request.head_dim = p.d;
     request.value_dim = p.dv;
     request.features = p.features;
-    request.rows_per_kv_head = p.rows_per_kv_head();
+    request.rows_per_head = p.n;
     request.kernel = options.kernel;
     request.cpu_isa = options.cpu_isa;
     std::string why_not;

@@ -196,6 +196,26 @@ TEST_CASE("large working buffers reused across calls (v panels of 1 MiB and more
     }
 }
 
+TEST_CASE("a few query rows per head (tiles one register tile high on a CPU), every kernel, every ISA") {
+    // Around the short tile's height (AVX2: 16 rows, AVX-512 and SSE: 48 and 12
+    // with their tiles) and past it: one tile per head, or two.
+    for (int64_t d : {64, 24}) {
+        for (int64_t n : {9, 12, 13, 16, 17, 49}) {
+            ProblemSpec spec = spec_of(2, 2, n, 300, d);
+            spec.mask = true;
+            spec.seed = uint32_t(n);
+            check_all_variants(spec);
+            Options options;
+            options.causal = true;
+            options.causal_align = CausalAlign::BottomRight;
+            options.training = true;
+            options.dropout = 0.25f;
+            options.seed = 3;
+            check_all_variants(spec, options);
+        }
+    }
+}
+
 TEST_CASE("bottom-right causal alignment (decoding with a KV cache), with and without a mask") {
     for (auto [n, m] : {std::pair<int64_t, int64_t>{1, 300}, {7, 130}, {63, 200}, {65, 65}, {200, 63}, {100, 1}}) {
         for (bool mask : {false, true}) {
@@ -397,29 +417,30 @@ TEST_CASE("empty batch, heads, rows or value dim are a no-op") {
 std::string chosen_for(const ProblemSpec &spec) {
     KernelRequest request;
     request.head_dim = request.value_dim = spec.d;
-    request.rows_per_kv_head = spec.n * (spec.kv_heads == 0 ? spec.h : spec.h / spec.kv_heads);
+    request.rows_per_head = spec.n;
     auto choice = select_kernel(request);
     REQUIRE(choice);
     return choice->kernel.name;
 }
 
-TEST_CASE("decoding: calls of at most the decode kernel's rows per kv head get it, and it equals the oracle") {
+TEST_CASE("decoding: calls of at most the decode kernel's query rows per head get it, and it equals the oracle") {
     const int64_t d = built_among({64})[0];
     const std::string decode = "attend_cpu_decode_d" + std::to_string(d), plain = "attend_cpu_d" + std::to_string(d);
     int max_rows = 0;
     for (const auto &k : available_kernels()) {
         if (k.name == decode) max_rows = k.max_rows;
     }
-    INFO("ATTEND_DECODE_ROWS is " << max_rows << "; these cases need at least 8");
-    REQUIRE(max_rows >= 8);
-    // The selection: n times the heads of a group, against the kernel's rows.
+    INFO("ATTEND_DECODE_ROWS_PER_HEAD is " << max_rows << "; these cases need at least 4");
+    REQUIRE(max_rows >= 4);
+    // The selection: n, the rows of each head, against the kernel's rows; the
+    // heads of a group do not count (the decode kernel runs them row by row).
     CHECK(chosen_for(spec_of(1, 8, 1, 100, d)) == decode);
     CHECK(chosen_for(spec_of(2, 8, max_rows, 100, d)) == decode);
     CHECK(chosen_for(spec_of(2, 8, max_rows + 1, 100, d)) == plain);
-    ProblemSpec grouped = spec_of(1, 8, 1, 100, d);
-    grouped.kv_heads = 1;  // one kv head for 8 heads: 8 rows per kv head and query
+    ProblemSpec grouped = spec_of(1, 8, max_rows, 100, d);
+    grouped.kv_heads = 1;  // 8 heads a kv head: 8 x max_rows rows read it
     CHECK(chosen_for(grouped) == decode);
-    grouped.n = max_rows / 8 + 1;  // more rows than the decode kernel's
+    grouped.n = max_rows + 1;
     CHECK(chosen_for(grouped) == plain);
     {
         KernelRequest unknown;  // rows not given (select_kernel's short form): never the decode kernel

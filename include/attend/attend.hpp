@@ -129,7 +129,7 @@ struct KernelInfo {
     DType dtype = DType::Float32;  // of q, k, v and out
     Operation operation = Operation::Forward;
     std::vector<CpuIsa> cpu_isas;  // a CPU kernel's built targets, best first (empty for GPU and added kernels)
-    int max_rows = 0;  // > 0: a decode kernel, chosen for calls of at most this many rows per kv head (n·h/hk)
+    int max_rows = 0;  // > 0: a decode kernel, chosen for calls of at most this many query rows per head (n)
 };
 
 // What a call asks of the kernels.
@@ -139,7 +139,7 @@ struct KernelRequest {
     DType dtype = DType::Float32;
     int64_t head_dim = 0, value_dim = 0;  // d and dv
     Features features;
-    int64_t rows_per_kv_head = 0;  // n·h/hk: the rows that read one kv head (0: unknown; no decode kernel)
+    int64_t rows_per_head = 0;     // n: the query rows of each head (0: unknown; no decode kernel)
     std::string kernel;            // Options::kernel: a kernel forced by name; empty: the choice is made here
     CpuIsa cpu_isa = CpuIsa::Auto;  // Options::cpu_isa
 };

@@ -123,5 +123,5 @@ NB_MODULE(_attend, m) {
             return all;
         },
         "The kernels of this build: name, operation, device, dtype, head_dim (0: any), max_rows (> 0: a decode "
-        "kernel, picked for calls of at most that many query rows per kv head).");
+        "kernel, picked for calls of at most that many query rows per head).");
 }

@@ -166,7 +166,7 @@ CASES = [  # (name, b, h, hk, n, m, d, mask_keep, causal)
     ("multi-query (3-D k/v), causal", 1, 3, 0, 37, 37, 64, None, True),
     ("causal and a mask", 2, 2, 2, 48, 48, 80, 0.8, True),
     ("generic head dim", 1, 2, 2, 20, 30, 24, None, False),
-    # 4 rows per kv head: the forward runs on the CPU decode kernel, its keys in chunks
+    # One query row per head: the forward runs on the CPU decode kernel, its keys in chunks
     ("decoding: one query over 1500 keys, grouped-query", 2, 8, 2, 1, 1500, 64, 0.9, False),
 ]
 
@@ -273,8 +273,8 @@ def test_non_contiguous_expanded_and_numpy_inputs():
     assert not q_strided.is_contiguous()
     assert torch.equal(attend.forward(q_strided, k, v, mask), expected)
     k1, v1 = k[:, :1], v[:, :1]
-    # Both on one kernel (the call's rows per kv head would pick the decode kernel
-    # for the expanded one), so the results are bitwise equal.
+    # Both on one kernel (a grouped call may get another kernel than its expanded
+    # form), so the results are bitwise equal.
     kernel = next(x["name"] for x in attend.kernels() if x["operation"] == "forward" and x["device"] == "cpu"
                   and x["dtype"] == "float32" and x["head_dim"] in (0, 32) and x["max_rows"] == 0)
     assert torch.equal(attend.forward(q, k1.expand(-1, 4, -1, -1), v1.expand(-1, 4, -1, -1), mask, kernel=kernel),
