@@ -197,8 +197,9 @@ TEST_CASE("large working buffers reused across calls (v panels of 1 MiB and more
 }
 
 TEST_CASE("a few query rows per head (tiles one register tile high on a CPU), every kernel, every ISA") {
-    // Around the short tile's height (AVX2: 16 rows, AVX-512 and SSE: 48 and 12
-    // with their tiles) and past it: one tile per head, or two.
+    // Around the short tile's height (16 rows with AVX2's tiles, 12 with the
+    // baseline's, 24 for the generic kernel; AVX-512's 48-row tile is one
+    // register tile already) and past it: one tile per head, or two.
     for (int64_t d : {64, 24}) {
         for (int64_t n : {9, 12, 13, 16, 17, 49}) {
             ProblemSpec spec = spec_of(2, 2, n, 300, d);
