@@ -13,13 +13,15 @@
 set_property(GLOBAL PROPERTY ATTEND_KERNEL_ENTRIES "")
 set_property(GLOBAL PROPERTY ATTEND_KERNEL_LIBRARIES "")
 
-# attend_tuned_params(<halide target> <head dim> <out var>)
+# attend_tuned_params(<halide target> <forward|backward> <head dim> <out var>)
 #
-# The schedule parameters `attend tune` chose for a CPU target and head dim, from
-# ATTEND_TUNING_FILE (JSON: targets.<target>.d<head dim>.params = {knob: value}),
-# as a list of knob=value; empty where the file has no entry (the generator's
-# defaults: the hand schedule). Editing the file re-runs CMake.
-function(attend_tuned_params TARGET HEAD_DIM OUT)
+# The schedule parameters `attend tune` chose for a CPU target, operation and
+# head dim, from ATTEND_TUNING_FILE (JSON: targets.<target>.<entry>.params =
+# {knob: value}, where the entry is d<head dim> for the forward and
+# backward_d<head dim> for the backward), as a list of knob=value; empty where
+# the file has no entry (the generator's defaults: the hand schedule). Editing
+# the file re-runs CMake.
+function(attend_tuned_params TARGET OPERATION HEAD_DIM OUT)
     set(${OUT} "" PARENT_SCOPE)
     if (NOT ATTEND_TUNING_FILE)
         return ()
@@ -29,7 +31,11 @@ function(attend_tuned_params TARGET HEAD_DIM OUT)
     endif ()
     set_property(DIRECTORY "${PROJECT_SOURCE_DIR}" APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${ATTEND_TUNING_FILE}")
     file(READ "${ATTEND_TUNING_FILE}" json)
-    string(JSON params ERROR_VARIABLE missing GET "${json}" targets "${TARGET}" "d${HEAD_DIM}" params)
+    set(entry "d${HEAD_DIM}")
+    if (OPERATION STREQUAL "backward")
+        set(entry "backward_d${HEAD_DIM}")
+    endif ()
+    string(JSON params ERROR_VARIABLE missing GET "${json}" targets "${TARGET}" "${entry}" params)
     if (missing)
         return ()
     endif ()
@@ -135,8 +141,8 @@ function(attend_add_kernel NAME)
             endif ()
             string(APPEND by_isa " ATTEND_ISA(${isa}, ${library})")
             set(tuned "")
-            if (ARG_OPERATION STREQUAL "forward" AND ARG_ROWS EQUAL 0)  # the tuning file: the forward's knobs only
-                attend_tuned_params("${target}" ${ARG_HEAD_DIM} tuned)
+            if (ARG_ROWS EQUAL 0)  # the tuning file has no decode kernels' knobs
+                attend_tuned_params("${target}" ${ARG_OPERATION} ${ARG_HEAD_DIM} tuned)
             endif ()
             foreach (param IN LISTS ARG_PARAMS)  # explicit PARAMS win over tuned ones
                 string(REGEX REPLACE "=.*" "" knob "${param}")

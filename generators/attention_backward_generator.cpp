@@ -25,6 +25,7 @@
 // runs dQ as a second pipeline per tile of query rows, reducing over the
 // blocks of keys, which recomputes P and dS. Scores are in log2 units, as in
 // the forward.
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 
@@ -341,6 +342,14 @@ private:
     // CPU: dK, dV and dQ in one pass (define_algorithm's one_pass() sums).
     void schedule_cpu() {
         const int VW = vector_width > 0 ? int(vector_width) : natural_vector_size<float>();
+        // A register tile of keys wider than the tile of keys would start before
+        // its first key (Halide shifts a tile inwards), at keys before 0.
+        _halide_user_assert(int(key_tile) >= VW * int(tile_vectors))
+            << "key_tile (" << int(key_tile) << ") is smaller than one register tile of keys (tile_vectors "
+            << int(tile_vectors) << " x " << VW << " lanes)";
+        _halide_user_assert(int(query_block) >= std::max<int>(tile_cols, dq_tile_cols))
+            << "query_block (" << int(query_block) << ") is smaller than one register tile of rows (tile_cols "
+            << int(tile_cols) << ", dq_tile_cols " << int(dq_tile_cols) << ")";
 
         // D per row: a task per (head, batch); with a head_dim, each row's sum in
         // SIMD lanes over its columns (contiguous in dout and out), then across

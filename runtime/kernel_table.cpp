@@ -268,14 +268,17 @@ std::vector<KernelInfo> available_kernels() {
     return all;
 }
 
-void add_kernel(const KernelInfo &info, ForwardKernel function) {
+namespace {
+// Both add_kernel overloads: one operation's function, erased, under info.name.
+void add_erased_kernel(const KernelInfo &info, Operation operation, detail::ErasedKernel function) {
     if (info.name.empty()) throw std::invalid_argument("attend::add_kernel: info.name: must not be empty");
     if (info.device != Device::CPU) {
         throw std::invalid_argument(std::string("attend::add_kernel: info.device: only CPU kernels can be added, got ") +
                                     to_string(info.device));
     }
-    if (info.operation != Operation::Forward) {
-        throw std::invalid_argument("attend::add_kernel: info.operation: this overload adds forward kernels");
+    if (info.operation != operation) {
+        throw std::invalid_argument(std::string("attend::add_kernel: info.operation: this overload adds ") +
+                                    (operation == Operation::Forward ? "forward" : "backward") + " kernels");
     }
     if (info.head_dim < 0) {
         throw std::invalid_argument("attend::add_kernel: info.head_dim: must be 0 (generic) or positive, got " +
@@ -292,13 +295,22 @@ void add_kernel(const KernelInfo &info, ForwardKernel function) {
     a.names.push_back(info.name);
     detail::KernelEntry e;
     e.name = a.names.back().c_str();
-    e.operation = Operation::Forward;
+    e.operation = operation;
     e.device = Device::CPU;
     e.head_dim = info.head_dim;
     e.dtype = info.dtype;
     e.element = dlpack::to_halide(dlpack::type_of(info.dtype));
-    e.single_function = reinterpret_cast<detail::ErasedKernel>(function);
+    e.single_function = function;
     a.entries.push_back(e);
+}
+}  // namespace
+
+void add_kernel(const KernelInfo &info, ForwardKernel function) {
+    add_erased_kernel(info, Operation::Forward, reinterpret_cast<detail::ErasedKernel>(function));
+}
+
+void add_kernel(const KernelInfo &info, BackwardKernel function) {
+    add_erased_kernel(info, Operation::Backward, reinterpret_cast<detail::ErasedKernel>(function));
 }
 
 }  // namespace attend

@@ -1,6 +1,7 @@
 // attend::add_kernel: a kernel generated outside the build (how `attend tune`
 // runs its candidates) goes through the same validation and marshalling.
 #include "attend/kernel_abi.hpp"
+#include "backward_support.hpp"
 #include "support.hpp"
 
 using namespace attend;
@@ -8,12 +9,13 @@ using namespace attend::test;
 
 namespace {
 
-// Two kernels of this build (baseline target), linked into this program as a
+// Three kernels of this build (baseline target), linked into this program as a
 // library generated outside the build would be: their own code, calling
 // libattend's Halide runtime (tests/CMakeLists.txt links their archives, not
 // their runtime). libattend itself does not export its kernels.
 extern "C" int ATTEND_TEST_ABI_SPECIALISED ATTEND_FORWARD_KERNEL_PARAMS;
 extern "C" int ATTEND_TEST_ABI_GENERIC ATTEND_FORWARD_KERNEL_PARAMS;
+extern "C" int ATTEND_TEST_ABI_BACKWARD ATTEND_BACKWARD_KERNEL_PARAMS;
 const int kDim = ATTEND_TEST_ABI_DIM;
 ForwardKernel specialised() { return ATTEND_TEST_ABI_SPECIALISED; }
 const std::string kAdded = "added_d" + std::to_string(kDim);
@@ -40,6 +42,7 @@ void register_once() {
         add_kernel(info("added_generic", 0, Device::CPU),
                    ATTEND_TEST_ABI_GENERIC);
         add_kernel(info("writes_nothing", kDim, Device::CPU), writes_nothing);
+        add_kernel(info("added_backward", kDim, Device::CPU, Operation::Backward), ATTEND_TEST_ABI_BACKWARD);
         return true;
     }();
     (void)done;
@@ -61,6 +64,28 @@ TEST_CASE("an added kernel runs when Options::kernel names it, and matches the r
         INFO(name);
         check_against_reference(p, expected);
     }
+}
+
+TEST_CASE("an added backward kernel runs when Options::kernel names it in backward(), and matches the oracle") {
+    register_once();
+    ProblemSpec spec = spec_of(2, 4, 70, 131, kDim);
+    spec.kv_heads = 2;
+    spec.mask = true;
+    Options options;
+    options.causal = true;
+    options.kernel = "added_backward";
+    Backward b(spec, options);
+    b.run(options);
+    check_float32(b);
+    // Each operation's calls take only kernels of that operation.
+    auto p = make_problem(spec_of(1, 1, 5, 5, kDim));
+    p.options.kernel = "added_backward";
+    CHECK_THROWS_WITH_AS(p.run(), doctest::Contains("computes another operation"), std::invalid_argument);
+    Options forward_kernel;
+    forward_kernel.kernel = kAdded;
+    Backward wrong(spec_of(1, 1, 5, 5, kDim), forward_kernel);
+    CHECK_THROWS_WITH_AS(wrong.run(forward_kernel), doctest::Contains("computes another operation"),
+                         std::invalid_argument);
 }
 
 TEST_CASE("add_kernel: select_kernel never picks an added kernel, and the listing stays the build's") {
@@ -99,6 +124,20 @@ TEST_CASE("add_kernel and Options::kernel reject bad registrations and calls, na
     rejects(info("negative", -1, Device::CPU), f, "info.head_dim");
     rejects(info("unknown_op", kDim, Device::CPU, Operation(7)), f, "info.operation");
     rejects(info("null", kDim, Device::CPU), nullptr, "function: must not be null");
+    rejects(info("backward_as_forward", kDim, Device::CPU, Operation::Backward), f,
+            "info.operation: this overload adds forward kernels");
+    try {
+        add_kernel(info("forward_as_backward", kDim, Device::CPU), ATTEND_TEST_ABI_BACKWARD);
+        FAIL("accepted");
+    } catch (const std::invalid_argument &e) {
+        CHECK(std::string(e.what()).find("info.operation: this overload adds backward kernels") != std::string::npos);
+    }
+    try {
+        add_kernel(info("null_backward", kDim, Device::CPU, Operation::Backward), BackwardKernel(nullptr));
+        FAIL("accepted");
+    } catch (const std::invalid_argument &e) {
+        CHECK(std::string(e.what()).find("function: must not be null") != std::string::npos);
+    }
 
     auto p = make_problem(spec_of(1, 1, 5, 5, kDim * 2));
     p.options.kernel = kAdded;

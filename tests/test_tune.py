@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Tests of `attend tune` (tools/tune.py) and its probe, run by ctest:
 
-    test_tune.py BUILD_DIR MUTANT.so probe      the probe rejects a wrong kernel (and generates
-                                                the hand schedule at d=32 to run beside it)
-    test_tune.py BUILD_DIR MUTANT.so search     a short search, then its resume
+    test_tune.py BUILD_DIR MUTANT.so probe      the probe rejects a wrong kernel, forward and
+                                                backward (and generates the hand schedules at
+                                                d=32 to run beside them)
+    test_tune.py BUILD_DIR MUTANT.so search     a short search, then its resume; a short
+                                                search of the backward's knobs
     test_tune.py BUILD_DIR MUTANT.so build      the build uses tuning/cpu.json
 """
 import json
@@ -49,6 +51,20 @@ def probe(build, mutant):
     result = subprocess.run([str(tool), "32", "1", "--", "1,1,64,64"], capture_output=True, text=True)
     check(result.returncode == 2 and "usage" in result.stderr, "no kernel: usage, exit 2")
 
+    # The backward: its mutant rejected, its hand schedule checked and timed.
+    backward = tune.Candidates(build, target, 1, pathlib.Path(tempfile.mkdtemp()) / "state.json", fresh=True,
+                               op=tune.BACKWARD)
+    so, function = backward.library(32, tune.hand_schedule(tune.BACKWARD))
+    result = subprocess.run([str(tool), "--backward", "32", "1", f"{mutant}:mutant_backward", f"{so}:{function}",
+                             "--", "1,1,64,64,causal"], capture_output=True, text=True)
+    check(result.returncode == 1 and "mutant_backward is wrong: max error" in result.stderr,
+          f"--backward: the probe exits 1 when a backward kernel writes zeros, saying which: {result.stderr.strip()}")
+    record = json.loads(result.stdout)
+    check([k["ok"] for k in record["kernels"]] == [False, True],
+          "the backward mutant fails the check, the backward hand schedule passes")
+    ms = record["shapes"][0]["ms"]
+    check(ms[0] == [] and len(ms[1]) >= 1, f"only the good backward kernel is timed: {ms}")
+
 
 def search(build):
     with tempfile.TemporaryDirectory() as scratch:
@@ -83,11 +99,39 @@ def search(build):
         check(moves[1][:len(moves[0])] == moves[0], f"replaying the first run's moves first: {moves}")
         bad = subprocess.run(command[:2] + ["--build", str(build), "--head-dims", "x"], capture_output=True, text=True)
         check(bad.returncode != 0 and "--head-dims" in bad.stderr, f"bad --head-dims: {bad.stderr.strip()}")
+        bad = subprocess.run(command[:2] + ["--build", str(build), "--operation", "backward", "--knobs", "query_tile"],
+                             capture_output=True, text=True)
+        check(bad.returncode != 0 and "--knobs: query_tile not among the backward knobs" in bad.stderr,
+              f"a knob of another operation: {bad.stderr.strip()}")
+
+        # The backward's knobs, one line (key tiles): an entry of its own beside
+        # the forward's, in the same file.
+        backward = [sys.executable, str(ROOT / "tools" / "tune.py"), "--build", str(build), "--operation", "backward",
+                    "--head-dims", "32", "--knobs", "key_tile", "--shapes", "1,2,64,64", "1,2,96,200,causal",
+                    "--budget-minutes", "0.3", "--sweeps", "1", "--repeats", "3", "--output", str(output),
+                    "--state", str(pathlib.Path(scratch) / "backward-state.json"), "--fresh"]
+        run = subprocess.run(backward, capture_output=True, text=True)
+        print(run.stderr[-3000:])
+        check(run.returncode == 0, f"a short backward search finishes ({run.returncode})")
+        if "avx2" in target or "avx512" in target:  # 8 or 16 lanes: 16 keys are less than 3 vectors of them
+            check("key_tile (16) is smaller than one register tile of keys" in run.stderr,
+                  "a key tile narrower than its register tile is refused when generated, and the search goes on")
+        data = json.loads(output.read_text())
+        entries = data["targets"][target]
+        check(set(entries) == {"d32", "backward_d32"}, f"the backward entry joins the forward's: {sorted(entries)}")
+        entry = entries["backward_d32"]
+        check(set(entry["params"]) == {"key_tile", "query_block", "tile_vectors", "tile_cols", "dq_tile_vectors",
+                                       "dq_tile_cols", "vector_width"}, f"the entry has every backward knob: {entry}")
+        check(entry["candidates_evaluated"] >= 2, f"it tried key tiles beyond the hand schedule's: {entry}")
+        check(all(set(step["changed"]) <= {"key_tile"} for step in entry["search_path"]),
+              f"--knobs key_tile: only key_tile moved: {entry['search_path']}")
+        check(all(t >= (1 - noise) * h for t, h in zip(entry["gflops"]["tuned"], entry["gflops"]["hand"])),
+              f"the backward winner is not slower than its hand schedule on any shape: {entry['gflops']}")
 
 
 def build_uses_table(build):
-    """Each entry of tuning/cpu.json for a target of this build reaches the
-    generator command of that kernel library."""
+    """Each entry of tuning/cpu.json for a target of this build (forward and
+    backward) reaches the generator command of that kernel library."""
     cache = (build / "CMakeCache.txt").read_text()
     tuning_file = re.search(r"^ATTEND_TUNING_FILE:FILEPATH=(.*)$", cache, re.M).group(1)
     targets = re.search(r"^ATTEND_CPU_TARGETS:STRING=(.*)$", cache, re.M).group(1).split(";")
@@ -102,8 +146,8 @@ def build_uses_table(build):
         if target not in targets:
             continue
         isa = "avx512" if "avx512" in target else "avx2" if "avx2" in target else "baseline"
-        for shape_class, entry in entries.items():
-            if shape_class[1:] not in head_dims:
+        for shape_class, entry in entries.items():  # d<dim> (forward) or backward_d<dim>
+            if shape_class.rsplit("_d", 1)[-1].lstrip("d") not in head_dims:
                 continue  # a tree built with fewer head dims (the TSan tree)
             library = f"attend_cpu_{shape_class}_{isa}"
             commands = [line for line in ninja.splitlines() if "attend_generator" in line and f"-f {library} " in line]

@@ -2,10 +2,12 @@
 """attend tune: search the CPU schedule knobs for this machine's target.
 
 For each head dim, a coordinate descent over the generator's schedule
-GeneratorParams, starting from the hand schedule (the generator's defaults):
-each candidate is generated for the target through the kernel cache with the
-build's generator (tools/kernel_cache.py), checked against the double-precision reference and
-timed by build/tools/attend_tune_probe, so a wrong schedule can never win. The
+GeneratorParams of one operation (the forward by default, --operation backward
+for the backward's kernel), starting from the hand schedule (the generator's
+defaults): each candidate is generated for the target through the kernel cache
+with the build's generator (tools/kernel_cache.py), checked against the
+double-precision reference and timed by build/tools/attend_tune_probe, so a
+wrong schedule can never win. The
 machine's load drifts, so a line of candidates is timed in one probe run with
 the current best, interleaved call by call, and judged against that run's
 figures for the best; one over 10 % slower on the small shapes is not timed on
@@ -13,18 +15,20 @@ the large ones. At the end the search path is timed again (3 interleaved runs)
 and the fastest that is nowhere slower than the hand schedule (within --noise)
 wins, so the table never holds a schedule slower than the hand one.
 
-The winners go to tuning/cpu.json (one entry per target and head dim, with the
-figures that made them win), which the build reads: retuning and rebuilding is
+The winners go to tuning/cpu.json (one entry per target, operation and head
+dim: d<dim> for the forward, backward_d<dim> for the backward, with the figures
+that made them win), which the build reads: retuning and rebuilding is
 
     ./build.sh tune          # this script, with its defaults
     ./build.sh               # regenerates the kernels with the new parameters
 
-Every measurement is saved as it is made (build/tune/state-<target>.json): an
-interrupted run, started again, replays them and goes on where it stopped
-(--fresh forgets them).
+Every measurement is saved as it is made (build/tune/state-<target>.json, or
+state-<target>-backward.json): an interrupted run, started again, replays them
+and goes on where it stopped (--fresh forgets them).
 """
 import argparse
 import concurrent.futures
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -41,25 +45,64 @@ import time
 import kernel_cache
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-GENERATOR_SOURCE = ROOT / "generators" / "attention_generator.cpp"
 
-# The CPU knobs and the values the search tries (the hand schedule's value is
-# always among them: it is the start). vector_width 0 is the target's natural
-# width; twice that runs each vector operation on two registers.
-KNOB_VALUES = {
-    "query_tile": [16, 24, 32, 48, 64, 96, 128],
-    "key_block": [32, 48, 64, 96, 128, 192, 256],
-    "score_row_vectors": [1, 2, 3, 4, 6],
-    "score_cols": [2, 3, 4, 5, 6, 8],
-    "pv_row_vectors": [1, 2, 3, 4, 6],
-    "pv_cols": [2, 3, 4, 5, 6, 8],
-    "vector_width": [0, "double"],
-    "v_panels": [False, True],
-}
-# A line of the search varies one knob, or both sides of a register tile at once
-# (they share the registers: one alone rarely moves without spilling).
-LINES = ["query_tile", "key_block", ("score_row_vectors", "score_cols"), ("pv_row_vectors", "pv_cols"),
-         "vector_width", "v_panels"]
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    """What the search tunes: a generator, its knobs and how its calls are counted."""
+    name: str
+    generator: str          # the registered generator (-g)
+    source: pathlib.Path    # where its knobs' defaults (the hand schedule) are
+    # The knobs and the values the search tries (the hand schedule's value is
+    # always among them: it is the start). vector_width 0 is the target's
+    # natural width; twice that runs each vector operation on two registers.
+    knob_values: dict
+    # A line of the search varies one knob, or both sides of a register tile at
+    # once (they share the registers: one alone rarely moves without spilling).
+    lines: list
+    tiles: tuple            # the register tiles: (vectors knob, columns knob) each
+    flops_per_nmd: float    # floating-point operations per b·h·n·m·d (halved for causal)
+    entry_prefix: str       # the data file's entry: <prefix><head dim>
+
+
+FORWARD = Operation(
+    name="forward", generator="attention", source=ROOT / "generators" / "attention_generator.cpp",
+    knob_values={
+        "query_tile": [16, 24, 32, 48, 64, 96, 128],
+        "key_block": [32, 48, 64, 96, 128, 192, 256],
+        "score_row_vectors": [1, 2, 3, 4, 6],
+        "score_cols": [2, 3, 4, 5, 6, 8],
+        "pv_row_vectors": [1, 2, 3, 4, 6],
+        "pv_cols": [2, 3, 4, 5, 6, 8],
+        "vector_width": [0, "double"],
+        "v_panels": [False, True],
+    },
+    lines=["query_tile", "key_block", ("score_row_vectors", "score_cols"), ("pv_row_vectors", "pv_cols"),
+           "vector_width", "v_panels"],
+    tiles=(("score_row_vectors", "score_cols"), ("pv_row_vectors", "pv_cols")),
+    flops_per_nmd=4.0, entry_prefix="d")
+# The backward's CPU knobs (its query_tile and key_block are the GPU's dQ pass).
+BACKWARD = Operation(
+    name="backward", generator="attention_backward",
+    source=ROOT / "generators" / "attention_backward_generator.cpp",
+    knob_values={
+        "key_tile": [16, 24, 32, 48, 64, 96, 128],
+        "query_block": [16, 32, 48, 64, 96, 128],
+        "tile_vectors": [1, 2, 3, 4, 6],
+        "tile_cols": [2, 3, 4, 5, 6, 8],
+        "dq_tile_vectors": [1, 2, 3, 4, 6],
+        "dq_tile_cols": [2, 3, 4, 5, 6, 8],
+        "vector_width": [0, "double"],
+    },
+    lines=["key_tile", "query_block", ("tile_vectors", "tile_cols"), ("dq_tile_vectors", "dq_tile_cols"),
+           "vector_width"],
+    tiles=(("tile_vectors", "tile_cols"), ("dq_tile_vectors", "dq_tile_cols")),
+    flops_per_nmd=10.0, entry_prefix="backward_d")
+OPERATIONS = {op.name: op for op in (FORWARD, BACKWARD)}
+
+ABOUT = ("Schedule parameters of the CPU kernels per Halide target, operation and head dim (d<dim>: the "
+         "forward, backward_d<dim>: the backward), written by tools/tune.py (./build.sh tune); read by "
+         "cmake/AttendKernels.cmake")
 MIN_ACCUMULATORS = 8  # a register tile smaller than this cannot hide the FMA latency
 DEFAULT_SHAPES = ["2,8,256,256", "2,8,1024,1024", "2,8,1024,1024,causal", "2,8,4096,4096"]
 SMALL_N = 1024  # shapes up to this n are timed first and gate the others
@@ -69,14 +112,14 @@ def say(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def hand_schedule():
+def hand_schedule(op=FORWARD):
     """The generator's defaults for the knobs: the hand schedule."""
-    source = GENERATOR_SOURCE.read_text()
+    source = op.source.read_text()
     defaults = {}
-    for knob in KNOB_VALUES:
+    for knob in op.knob_values:
         found = re.search(r'GeneratorParam<(int|bool)>\s+%s\{"%s",\s*(-?\d+|true|false)\}' % (knob, knob), source)
         if not found:
-            sys.exit(f"tune: cannot find the default of GeneratorParam {knob} in {GENERATOR_SOURCE}")
+            sys.exit(f"tune: cannot find the default of GeneratorParam {knob} in {op.source}")
         value = found.group(2)
         defaults[knob] = value == "true" if found.group(1) == "bool" else int(value)
     return defaults
@@ -123,8 +166,8 @@ def cache_value(build, name):
 class Candidates:
     """Generates, checks and times candidate kernels, remembering every result."""
 
-    def __init__(self, build, target, repeats, state_path, fresh):
-        self.build, self.target, self.repeats = build, target, repeats
+    def __init__(self, build, target, repeats, state_path, fresh, op=FORWARD):
+        self.build, self.target, self.repeats, self.op = build, target, repeats, op
         self.generate_timeout = None  # seconds; None: no limit
         config = build / "generators" / "attend_generator.json"
         self.probe = build / "tools" / "attend_tune_probe"
@@ -150,7 +193,8 @@ class Candidates:
                 say(f"tune: {state_path} is from another generator build: starting over")
 
     def key(self, head_dim, params, scheduler=None):
-        text = json.dumps([self.target, head_dim, params, scheduler], sort_keys=True)
+        scope = [self.target, head_dim, params, scheduler] + ([self.op.name] if self.op != FORWARD else [])
+        text = json.dumps(scope, sort_keys=True)
         return hashlib.sha1((self.generator_hash + text).encode()).hexdigest()[:16]
 
     def library(self, head_dim, params, scheduler=None):
@@ -161,7 +205,7 @@ class Candidates:
         if so.exists():
             return so, function
         knobs = [generator_arg(k, v) for k, v in generator_params(params, self.target).items()]
-        args = ["-g", "attention", "-o", str(self.cache), "-e", "static_library",
+        args = ["-g", self.op.generator, "-o", str(self.cache), "-e", "static_library",
                 "-f", function, f"target={self.target}-user_context-no_runtime", f"head_dim={head_dim}",
                 "element_type=float32"] + knobs
         if scheduler:
@@ -217,8 +261,9 @@ class Candidates:
         specs = [f"{so}:{function}" for so, function in (b for b in built if b)]
         results = [None] * len(group)
         if specs:
-            probe = subprocess.run([str(self.probe), str(head_dim), str(self.repeats)] + specs + ["--"] + shapes,
-                                   capture_output=True, text=True)
+            operation = ["--backward"] if self.op == BACKWARD else []
+            probe = subprocess.run([str(self.probe)] + operation + [str(head_dim), str(self.repeats)] + specs +
+                                   ["--"] + shapes, capture_output=True, text=True)
             try:
                 record = json.loads(probe.stdout)
             except json.JSONDecodeError:
@@ -234,7 +279,7 @@ class Candidates:
                     continue
                 gflops = []
                 for shape in record["shapes"]:
-                    flops = 4.0 * shape["b"] * shape["h"] * shape["n"] * shape["m"] * shape["d"]
+                    flops = self.op.flops_per_nmd * shape["b"] * shape["h"] * shape["n"] * shape["m"] * shape["d"]
                     flops *= 0.5 if shape["causal"] else 1.0
                     gflops.append(flops / (statistics.median(shape["ms"][k]) * 1e-3) / 1e9)
                 results[index] = gflops
@@ -262,12 +307,12 @@ def geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def registers_fit(params, target):
+def registers_fit(params, target, op=FORWARD):
     """Each register tile's accumulators, row vectors and a broadcast fit the
     target's vector registers (16, or 32 with AVX-512): no spills; and it has
     enough accumulators to keep the FMA units busy."""
     registers = 32 if "avx512" in target else 16
-    for rows, cols in (("score_row_vectors", "score_cols"), ("pv_row_vectors", "pv_cols")):
+    for rows, cols in op.tiles:
         per_vector = 2 if params["vector_width"] == "double" else 1
         if per_vector * (params[rows] * params[cols] + params[rows]) + 1 > registers:
             return False
@@ -281,14 +326,14 @@ def knobs_of(line):
     return line if isinstance(line, tuple) else (line,)
 
 
-def line_options(best, line, target):
+def line_options(best, line, target, op=FORWARD):
     """The candidates of one line: best with that knob (or tile) changed."""
     knobs = knobs_of(line)
     values = [()]
     for knob in knobs:
-        values = [v + (x,) for v in values for x in KNOB_VALUES[knob]]
+        values = [v + (x,) for v in values for x in op.knob_values[knob]]
     options = [dict(best, **dict(zip(knobs, v))) for v in values]
-    return [p for p in options if p != best and registers_fit(p, target)]
+    return [p for p in options if p != best and registers_fit(p, target, op)]
 
 
 def line_name(line):
@@ -300,21 +345,23 @@ def show(label, gflops):
                             if gflops else "failed"))
 
 
-def tune_head_dim(candidates, head_dim, shapes, budget_s, noise, jobs, plan_sweeps, confirm_rounds=3):
+def tune_head_dim(candidates, head_dim, shapes, budget_s, noise, jobs, plan_sweeps, confirm_rounds=3, knobs=None):
     """Coordinate descent from the hand schedule; returns the entry for the data file.
 
     Each line of candidates is timed together with the current best in one probe
     run (interleaved), and judged against that run's figures for the best."""
     small = [s for s in shapes if int(s.split(",")[2]) <= SMALL_N]
     large = [s for s in shapes if s not in small]
-    hand = hand_schedule()
+    op = candidates.op
+    hand = hand_schedule(op)
     started = time.time()
     best, path, evaluated = dict(hand), [dict(hand)], 1
 
-    lines = [(sweep, line) for sweep in range(plan_sweeps) for line in LINES]
+    searched = [line for line in op.lines if knobs is None or set(knobs_of(line)) & set(knobs)]
+    lines = [(sweep, line) for sweep in range(plan_sweeps) for line in searched]
     improved_in_sweep = False
     for line_index, (sweep, line) in enumerate(lines):
-        if line == LINES[0]:
+        if line == searched[0]:
             if sweep > 0 and not improved_in_sweep:
                 break  # a whole sweep changed nothing: converged
             improved_in_sweep = False
@@ -322,8 +369,8 @@ def tune_head_dim(candidates, head_dim, shapes, budget_s, noise, jobs, plan_swee
         if elapsed > budget_s:
             say(f"  d={head_dim}: budget spent after {evaluated} candidates")
             break
-        options = line_options(best, line, candidates.target)
-        say(f"  d={head_dim} sweep {sweep + 1}, {line_name(line)} ({line_index + 1}/{len(lines)}): "
+        options = line_options(best, line, candidates.target, op)
+        say(f"  {op.name} d={head_dim} sweep {sweep + 1}, {line_name(line)} ({line_index + 1}/{len(lines)}): "
             f"{len(options)} candidates; {elapsed / 60:.1f} min so far, at most "
             f"{max(0, budget_s - elapsed) / 60:.1f} min left")
         if not options:
@@ -413,9 +460,13 @@ def main():
     parser.add_argument("--build", default=str(ROOT / "build"), help="the configured and built tree")
     parser.add_argument("--target", help="Halide target to tune (default: the best of ATTEND_CPU_TARGETS "
                         "this CPU runs)")
+    parser.add_argument("--operation", choices=sorted(OPERATIONS), default="forward",
+                        help="whose kernel to tune: the forward's (default) or the backward's")
     parser.add_argument("--head-dims", default="64,128", help="comma-separated head dims (default 64,128)")
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, metavar="b,h,n,m[,causal]",
                         help="the shape set (default: " + " ".join(DEFAULT_SHAPES) + ")")
+    parser.add_argument("--knobs", help="comma-separated knobs: search only the lines that vary them "
+                        "(default: every knob of the operation)")
     parser.add_argument("--budget-minutes", type=float, default=25.0, help="time for the whole search (default 25)")
     parser.add_argument("--sweeps", type=int, default=2, help="passes over the knobs at most (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per shape, median taken (default 5)")
@@ -456,23 +507,29 @@ def main():
         if not re.fullmatch(r"[1-9]\d*,[1-9]\d*,[1-9]\d*,[1-9]\d*(,causal)?", shape):
             sys.exit(f"tune: --shapes: expected b,h,n,m or b,h,n,m,causal with positive sizes, got '{shape}'")
 
-    state = pathlib.Path(args.state) if args.state else build / "tune" / f"state-{target}.json"
+    op = OPERATIONS[args.operation]
+    knobs = args.knobs.split(",") if args.knobs else None
+    unknown = [k for k in knobs or [] if k not in op.knob_values]
+    if unknown:
+        sys.exit(f"tune: --knobs: {', '.join(unknown)} not among the {op.name} knobs ({', '.join(op.knob_values)})")
+    suffix = "" if op == FORWARD else f"-{op.name}"
+    state = pathlib.Path(args.state) if args.state else build / "tune" / f"state-{target}{suffix}.json"
     state.parent.mkdir(parents=True, exist_ok=True)
-    candidates = Candidates(build, target, args.repeats, state, args.fresh)
-    say(f"tune: target {target}, head dims {head_dims}, shapes {' '.join(args.shapes)}, "
+    candidates = Candidates(build, target, args.repeats, state, args.fresh, op)
+    say(f"tune: {op.name}, target {target}, head dims {head_dims}, shapes {' '.join(args.shapes)}, "
         f"budget {args.budget_minutes:g} min")
     started = time.time()
     entries = {}
     for index, head_dim in enumerate(head_dims):
         left = args.budget_minutes * 60 - (time.time() - started)
-        entries[f"d{head_dim}"] = tune_head_dim(candidates, head_dim, args.shapes, left / (len(head_dims) - index),
-                                                args.noise, args.jobs, args.sweeps)
+        entries[f"{op.entry_prefix}{head_dim}"] = tune_head_dim(
+            candidates, head_dim, args.shapes, left / (len(head_dims) - index), args.noise, args.jobs, args.sweeps,
+            knobs=knobs)
     peak = fma_peak(build)
 
     output = pathlib.Path(args.output)
     data = json.loads(output.read_text()) if output.exists() else {}
-    data.setdefault("about", "Schedule parameters of the CPU kernels per Halide target and head dim, written "
-                    "by tools/tune.py (./build.sh tune); read by cmake/AttendKernels.cmake")
+    data["about"] = ABOUT
     for entry in entries.values():
         entry.update({"cpu": cpu_model(), "threads": os.cpu_count(), "fma_peak_gflops": peak,
                       "date": datetime.date.today().isoformat()})
@@ -481,11 +538,11 @@ def main():
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(output)
 
-    print(f"target {target}: {(time.time() - started) / 60:.1f} min; FMA peak {peak} GFLOP/s")
+    print(f"{op.name}, target {target}: {(time.time() - started) / 60:.1f} min; FMA peak {peak} GFLOP/s")
     print(f"{'d':>4} {'shape (b,h,n,m)':>24} {'hand GFLOP/s':>13} {'tuned GFLOP/s':>14} {'tuned/hand':>11}")
     for name, entry in entries.items():
         for shape, hand, tuned in zip(entry["shapes"], entry["gflops"]["hand"], entry["gflops"]["tuned"]):
-            print(f"{name[1:]:>4} {shape:>24} {hand:>13.1f} {tuned:>14.1f} {tuned / hand:>11.2f}")
+            print(f"{name[len(op.entry_prefix):]:>4} {shape:>24} {hand:>13.1f} {tuned:>14.1f} {tuned / hand:>11.2f}")
         changed = {k: v for k, v in entry["params"].items() if entry["hand_params"].get(k) != v}
         print(f"     params: {changed or 'the hand schedule'}")
     print(f"written to {output}; rebuild (./build.sh) to use it")

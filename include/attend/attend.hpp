@@ -257,15 +257,18 @@ ATTEND_API void merge(const Halide::Runtime::Buffer<const void> &out_a,
                       const Halide::Runtime::Buffer<const void> &lse_b, int64_t keys_b,
                       const Halide::Runtime::Buffer<void> &out, const Halide::Runtime::Buffer<void> &lse);
 
-// Adds a CPU forward kernel (generated for this machine with the `-user_context`
-// target feature, and linked against libattend's Halide runtime: `-no_runtime`)
-// under info.name: how `attend tune` (tools/tune.py) runs its candidates, loaded
-// with dlopen, through the same validation and marshalling as a built-in kernel.
-// Options::kernel = info.name runs it; select_kernel never picks it, and
-// options.cpu_isa must stay Auto. Throws std::invalid_argument when the name is
-// empty or taken, the device is not CPU, the operation is not Forward, or
-// function is null. Kernels stay registered until the process ends.
+// Adds a CPU kernel (generated for this machine with the `-user_context` target
+// feature, and linked against libattend's Halide runtime: `-no_runtime`) under
+// info.name: how `attend tune` (tools/tune.py) runs its candidates, loaded with
+// dlopen, through the same validation and marshalling as a built-in kernel.
+// Options::kernel = info.name runs it (forward() a forward kernel, backward() a
+// backward one); select_kernel never picks it, and options.cpu_isa must stay
+// Auto. Throws std::invalid_argument when the name is empty or taken, the
+// device is not CPU, info.operation is not the overload's (Forward for a
+// ForwardKernel, Backward for a BackwardKernel), or function is null. Kernels
+// stay registered until the process ends.
 ATTEND_API void add_kernel(const KernelInfo &info, ForwardKernel function);
+ATTEND_API void add_kernel(const KernelInfo &info, BackwardKernel function);
 
 // Floating-point operations of one call, as benchmarks count them: 2·b·h·n·m·(d + dv)
 // for the two matrix products (4·b·h·n·m·d when dv = d), halved for causal.
