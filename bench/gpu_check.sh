@@ -22,13 +22,20 @@
 #      speed-of-light, occupancy, scheduler and warp-stall sections for the default
 #      kernels at d=64, n=m=1024 and 16384, and d=128, n=m=4096 (their kernel time
 #      against attend bench's)
+#   6. the Python package's tests (tests/python; with a GPU its CUDA test: the
+#      drop-in's forward and gradients on CUDA tensors under a non-default stream,
+#      against float64 math) with this machine's python3, torch and pytest; when
+#      the build's extension is for another Python (a build copied here), it is
+#      rebuilt for this one first (python/standalone, with this python3's nanobind)
 #
 #   bench/gpu_check.sh [BUILD]        logs under $OUT (default bench/results/gpu)
 #
 # BUILD (default build/) is a build with every GPU schedule variant: made by
 # ./build.sh test, or configured with -DATTEND_ALL_GPU_VARIANTS=ON, here or on
 # another x86-64 machine (the kernels do not need libHalide at run time, so a
-# build folder can be copied to a GPU machine that has no Halide). Dry runs without a GPU:
+# build folder can be copied to a GPU machine that has no Halide: its runtime/,
+# bin/, tests/attend_gpu_tests, tests/attend_dist_tests, dist/, python/ and
+# CMakeCache.txt are what this script uses). Dry runs without a GPU:
 #   ATTEND_GPU_DEVICE=opencl bench/gpu_check.sh    (OpenCL on PoCL, small shapes)
 #   ATTEND_FAKE_CUDA=launch=noop LD_LIBRARY_PATH=build/tests/fake_cuda bench/gpu_check.sh
 #       (the CUDA flow, every shape and variant, against the fake driver: its
@@ -142,6 +149,18 @@ if [ "$DEVICE" = cuda ]; then
             "$OUT/profile_$shape.log" | tee -a "$OUT/summary.txt"
     done
 fi
+
+step "6. the Python package (tests/python) with this machine's python3"
+PACKAGE="$BUILD/python"
+if ! PYTHONPATH="$PACKAGE" python3 -c "import attend" >/dev/null 2>&1; then
+    # The build's extension is for another Python: one for this python3, against
+    # the same libattend (built outside $OUT, which comes back from a GPU machine).
+    PACKAGE="$(mktemp -d)/python"
+    check python_extension bash -c "cmake -S '$ROOT/python/standalone' -B '$PACKAGE' -DATTEND_BUILD='$BUILD' \
+        -Dnanobind_ROOT=\"\$(python3 -m nanobind --cmake_dir)\" && cmake --build '$PACKAGE'"
+fi
+PYTHONPATH="$PACKAGE" check python python3 -m pytest -q -rs -p no:cacheprovider "$ROOT/tests/python"
+tail -n 3 "$OUT/python.log" | tee -a "$OUT/summary.txt"
 
 step "done: $failures failed step(s)"
 exit $((failures > 0))

@@ -59,10 +59,11 @@ def main():
         check(run.returncode in (0, 1), f"the script ends by itself (exit {run.returncode}): {run.stderr[-500:]}")
 
         headers = re.findall(r"^==> (\d)\.", summary, re.M)
-        check(headers == ["1", "2", "3", "4", "5"], f"steps 1 to 5 in order: {headers}")
+        check(headers == ["1", "2", "3", "4", "5", "6"], f"steps 1 to 6 in order: {headers}")
         check(re.search(r"^==> done: \d+ failed step", summary, re.M) is not None, "the summary ends with its count")
         status = dict(re.findall(r"^(\S+): exit (\d+) in \d+ s$", summary, re.M))
         check("tests" in status and "fault" in status, "the CUDA tests and the fault test ran")
+        check("python" in status, "the Python package's tests ran (their outcome depends on this python3's packages)")
         check(status.get("registers") == "0", f"the driver's registers per kernel function: exit 0 (got {status.get('registers')})")
         check("functions with local memory (spills): 0" in summary, "the summary counts the functions that spill")
         sanitized = [name for name in status if name.startswith(("racecheck_", "memcheck_"))]
