@@ -63,6 +63,7 @@ class Operation:
     tiles: tuple            # the register tiles: (vectors knob, columns knob) each
     flops_per_nmd: float    # floating-point operations per b·h·n·m·d (halved for causal)
     entry_prefix: str       # the data file's entry: <prefix><head dim>
+    probe_args: tuple       # how attend_tune_probe is told the kernels' operation
 
 
 FORWARD = Operation(
@@ -80,7 +81,7 @@ FORWARD = Operation(
     lines=["query_tile", "key_block", ("score_row_vectors", "score_cols"), ("pv_row_vectors", "pv_cols"),
            "vector_width", "v_panels"],
     tiles=(("score_row_vectors", "score_cols"), ("pv_row_vectors", "pv_cols")),
-    flops_per_nmd=4.0, entry_prefix="d")
+    flops_per_nmd=4.0, entry_prefix="d", probe_args=())
 # The backward's CPU knobs (its query_tile and key_block are the GPU's dQ pass).
 BACKWARD = Operation(
     name="backward", generator="attention_backward",
@@ -97,7 +98,7 @@ BACKWARD = Operation(
     lines=["key_tile", "query_block", ("tile_vectors", "tile_cols"), ("dq_tile_vectors", "dq_tile_cols"),
            "vector_width"],
     tiles=(("tile_vectors", "tile_cols"), ("dq_tile_vectors", "dq_tile_cols")),
-    flops_per_nmd=10.0, entry_prefix="backward_d")
+    flops_per_nmd=10.0, entry_prefix="backward_d", probe_args=("--backward",))
 OPERATIONS = {op.name: op for op in (FORWARD, BACKWARD)}
 
 ABOUT = ("Schedule parameters of the CPU kernels per Halide target, operation and head dim (d<dim>: the "
@@ -193,6 +194,7 @@ class Candidates:
                 say(f"tune: {state_path} is from another generator build: starting over")
 
     def key(self, head_dim, params, scheduler=None):
+        # (The forward's keys leave out its name: they stay those of earlier saved states.)
         scope = [self.target, head_dim, params, scheduler] + ([self.op.name] if self.op != FORWARD else [])
         text = json.dumps(scope, sort_keys=True)
         return hashlib.sha1((self.generator_hash + text).encode()).hexdigest()[:16]
@@ -261,8 +263,7 @@ class Candidates:
         specs = [f"{so}:{function}" for so, function in (b for b in built if b)]
         results = [None] * len(group)
         if specs:
-            operation = ["--backward"] if self.op == BACKWARD else []
-            probe = subprocess.run([str(self.probe)] + operation + [str(head_dim), str(self.repeats)] + specs +
+            probe = subprocess.run([str(self.probe), *self.op.probe_args, str(head_dim), str(self.repeats)] + specs +
                                    ["--"] + shapes, capture_output=True, text=True)
             try:
                 record = json.loads(probe.stdout)

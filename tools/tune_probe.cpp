@@ -166,12 +166,12 @@ std::pair<double, double> check_backward(const Problem &p) {
     }
     const double eps = FLT_EPSILON, d = double(p.shape.d), dv_dim = double(p.shape.dv);
     const int64_t group_rows = p.shape.n * (p.shape.h / p.shape.kv_heads);
+    const double scores = p.score_magnitude();
     Check worst;
     auto compare = [&](const std::vector<float> &got, const std::vector<double> &exact,
                        const std::vector<double> &terms, int64_t outer) {
-        const double relative = 4.0 * eps *
-                                (2.0 * std::sqrt(d) * p.score_magnitude() + std::sqrt(dv_dim) + largest_lse +
-                                 std::sqrt(double(outer)) + 8.0);
+        const double relative =
+            4.0 * eps * (2.0 * std::sqrt(d) * scores + std::sqrt(dv_dim) + largest_lse + std::sqrt(double(outer)) + 8.0);
         for (size_t e = 0; e < got.size(); e++) {
             const double error = std::isfinite(got[e]) ? std::fabs(double(got[e]) - exact[e]) : INFINITY;
             worst.add(error, relative * terms[e] + 1e-30);
